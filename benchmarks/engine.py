@@ -1,0 +1,138 @@
+"""Engine benchmark: does removing tokens give the speedup its FLOPs promise, and what does
+scoring cost?
+
+For keep ratios 1.0 / 0.75 / 0.5 / 0.25, removal before the LLM and after layer 2, and every
+built-in strategy, measured in one process with all variants interleaved in shuffled order per
+round (so machine noise hits all alike):
+
+* LLM speedup     = median dense LLM ms / median pruned LLM ms (decoder layers + final norm)
+* FLOPs-ideal     = dense LLM FLOPs / pruned LLM FLOPs (methods.md §0.3)
+* ratio           = LLM speedup / FLOPs-ideal
+* overhead %      = median pruning overhead (schedule + signals + score + select + gather)
+                    / median query time
+
+Usage: python benchmarks/engine.py [--rounds 30] [--out benchmarks/results/engine.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from prunebench.compare import format_table
+from prunebench.engine import PruningEngine
+from prunebench.models import load_model
+from prunebench.plugins import MANAGER
+from prunebench.results import write_json
+from prunebench.runner import StreamRunner
+from prunebench.streams import SyntheticStream
+from prunebench.versions import environment
+
+KEEP_RATIOS = (1.0, 0.75, 0.5, 0.25)
+POINTS = (-1, 2)  # before the LLM, after layer 2
+
+
+def configure(name: str, keep: float, point: int) -> dict | None:
+    """Config putting a strategy's removal at ``point``; None if it cannot prune there."""
+    fields = MANAGER.get(name).Config.model_fields
+    config = {"keep_ratio": keep} if "keep_ratio" in fields else {}
+    if "after_layer" in fields:
+        config["after_layer"] = point
+    elif "layer" in fields:
+        if point < 0:
+            return None  # needs attention from a layer that has run
+        config["layer"] = point
+    elif point != -1 or "keep_ratio" not in fields:
+        return None
+    return config
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--strategies", nargs="*", help="default: every built-in strategy")
+    parser.add_argument("--model", help="MiniOFT safetensors (default: built-in)")
+    parser.add_argument("--out", default="benchmarks/results/engine.json")
+    args = parser.parse_args(argv)
+
+    model, model_info = load_model(args.model)
+    engine = PruningEngine(model)
+    builtin = [n for n, r in MANAGER.strategies().items()
+               if r.plugin.startswith("strategies.") and n != "none"]
+    names = args.strategies or builtin
+    variants = {("none", 1.0, "dense"): MANAGER.create("none")}
+    for name in names:
+        for keep in KEEP_RATIOS:
+            for point in POINTS:
+                config = configure(name, keep, point)
+                if config is not None:
+                    where = "before_llm" if point < 0 else f"after_layer_{point}"
+                    variants[(name, keep, where)] = MANAGER.create(name, config)
+    items = list(SyntheticStream(n_queries=args.warmup + args.rounds, image_size=model.cfg.image_size))
+    runners = {key: StreamRunner(engine, s) for key, s in variants.items()}
+    for r in runners.values():
+        r.start(items[0].observation.instruction)
+    shuffle = random.Random(0)
+    keys = list(runners)
+    for item in items:
+        shuffle.shuffle(keys)
+        for key in keys:
+            runners[key].step(item)
+
+    def stats(key):
+        rs = runners[key].results[args.warmup:]
+        med = lambda k: float(np.median([r.record.ms[k] for r in rs]))
+        return {"llm": med("llm"), "total": med("total"), "overhead": med("overhead"),
+                "flops": float(np.mean([r.record.llm_flops for r in rs])),
+                "visual": float(np.mean([np.mean(r.record.visual_per_layer) for r in rs]))}
+
+    dense = stats(("none", 1.0, "dense"))
+    rows = []
+    for key in variants:
+        if key[0] == "none":
+            continue
+        s = stats(key)
+        speedup, ideal = dense["llm"] / s["llm"], dense["flops"] / s["flops"]
+        rows.append({"strategy": key[0], "keep_ratio": key[1], "where": key[2],
+                     "visual_tokens": s["visual"], "llm_ms": s["llm"], "query_ms": s["total"],
+                     "llm_speedup": speedup, "flops_ideal": ideal, "ratio": speedup / ideal,
+                     "end_to_end_speedup": dense["total"] / s["total"],
+                     "overhead_pct": 100 * s["overhead"] / s["total"]})
+    env = environment()
+    print(f"dense: LLM {dense['llm']:.2f} ms, query {dense['total']:.2f} ms; {args.rounds} rounds; "
+          f"backend {engine.attention_backend}; {env['torch_threads']} threads; model "
+          f"{model_info['source']}")
+    print(format_table(rows, [
+        ("strategy", "strategy", ""), ("where", "where", ""), ("keep_ratio", "keep", ".2f"),
+        ("visual_tokens", "visual tok", ".1f"), ("llm_ms", "LLM ms", ".2f"),
+        ("llm_speedup", "LLM speedup", ".2f"), ("flops_ideal", "FLOPs-ideal", ".2f"),
+        ("ratio", "ratio", ".2f"), ("end_to_end_speedup", "e2e speedup", ".2f"),
+        ("overhead_pct", "overhead %", ".2f")]))
+
+    from pydantic import BaseModel
+
+    class EngineBenchmark(BaseModel):
+        command: str
+        rounds: int
+        dense: dict
+        model: dict
+        attention_backend: str
+        environment: dict
+        rows: list
+
+    write_json(args.out, EngineBenchmark(
+        command=" ".join([sys.executable, *sys.argv]), rounds=args.rounds, dense=dense, model=model_info,
+        attention_backend=engine.attention_backend, environment=env, rows=rows))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

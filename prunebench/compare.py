@@ -1,0 +1,59 @@
+"""Side-by-side comparison of strategies against the dense baseline (the README's main job)."""
+
+from __future__ import annotations
+
+import numpy as np
+from pydantic import BaseModel
+
+from prunebench.engine import QueryResult
+
+
+class ComparisonRow(BaseModel):
+    strategy: str
+    mean_visual_tokens: float
+    total_ms_median: float
+    llm_ms_median: float
+    overhead_ms_median: float
+    speedup_total: float  # dense median total / this median total
+    speedup_llm: float
+    flops_ideal_speedup: float  # dense LLM FLOPs / this LLM FLOPs
+    action_l1_vs_dense: float  # mean |a - a_dense| on normalised actions
+
+
+def compare_rows(results: dict[str, list[QueryResult]], dense: str = "none") -> list[ComparisonRow]:
+    base = results[dense]
+    med = lambda rs, key: float(np.median([r.record.ms[key] for r in rs]))
+    base_total, base_llm = med(base, "total"), med(base, "llm")
+    base_flops = float(np.mean([r.record.llm_flops for r in base]))
+    rows = []
+    for name, rs in results.items():
+        rows.append(ComparisonRow(
+            strategy=name,
+            mean_visual_tokens=float(np.mean([np.mean(r.record.visual_per_layer) for r in rs])),
+            total_ms_median=med(rs, "total"), llm_ms_median=med(rs, "llm"),
+            overhead_ms_median=med(rs, "overhead"),
+            speedup_total=base_total / med(rs, "total"), speedup_llm=base_llm / med(rs, "llm"),
+            flops_ideal_speedup=base_flops / float(np.mean([r.record.llm_flops for r in rs])),
+            action_l1_vs_dense=float(np.mean([np.abs(r.normalized - b.normalized).mean()
+                                              for r, b in zip(rs, base)])),
+        ))
+    return rows
+
+
+def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """Plain-text table; ``columns`` = (key, header, format spec)."""
+    cells = [[format(row[k], f) if isinstance(row[k], (int, float)) else str(row[k])
+              for k, _, f in columns] for row in rows]
+    headers = [h for _, h, _ in columns]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    line = lambda vals: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths)))
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(c) for c in cells])
+
+
+COMPARISON_COLUMNS = [
+    ("strategy", "strategy", ""), ("mean_visual_tokens", "visual tok", ".1f"),
+    ("total_ms_median", "query ms", ".2f"), ("llm_ms_median", "LLM ms", ".2f"),
+    ("overhead_ms_median", "overhead ms", ".2f"), ("speedup_total", "speedup", ".2f"),
+    ("speedup_llm", "LLM speedup", ".2f"), ("flops_ideal_speedup", "FLOPs-ideal", ".2f"),
+    ("action_l1_vs_dense", "action L1 vs dense", ".4f"),
+]

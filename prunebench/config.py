@@ -1,0 +1,45 @@
+"""Run configuration files (YAML or JSON), validated by pydantic with one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from prunebench.errors import PrunebenchError
+
+
+class RunConfig(BaseModel):
+    """``strategy``: a registered name; ``config``: that strategy's Config fields."""
+
+    model_config = ConfigDict(extra="forbid")
+    strategy: str
+    config: dict[str, Any] = Field(default_factory=dict)
+    seed: int = 0
+    model: str | None = None  # path to MiniOFT safetensors; None = the built-in model
+
+
+def one_line(err: ValidationError, prefix: str = "") -> str:
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "(root)"
+    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{prefix}field {field!r}: {first['msg']}{more}"
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise PrunebenchError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else \
+            json.loads(path.read_text())
+    except (yaml.YAMLError, json.JSONDecodeError) as err:
+        raise PrunebenchError(f"{path}: not valid {path.suffix[1:].upper()}: "
+                              f"{str(err).splitlines()[0]}") from None
+    try:
+        return RunConfig.model_validate(data or {})
+    except ValidationError as err:
+        raise PrunebenchError(one_line(err, f"{path}: ")) from None

@@ -1,0 +1,219 @@
+"""The pruning engine: one VLA query with the decoder layer loop under our control.
+
+The engine owns the loop over transformers' Llama decoder layers so that it can physically remove
+visual tokens before the LLM or after any layer (gathering hidden states, positions and rotary
+tables), keep attention bidirectional after every removal (``is_causal=False`` on each call and
+no mask), compute only the signals a plan asks for, read the actions out through the kept-position
+map with one convention for every strategy, and account tokens, FLOPs and time per stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from prunebench import signals as sig
+from prunebench.accounting import QueryRecord, StageRecord, StageTimer, llm_flops
+from prunebench.errors import EngineError, StrategyError
+from prunebench.interface import (BEFORE_LLM, SIGNAL_KINDS, Observation, PrunePlan, QueryContext,
+                                  Signals, SignalRequest, Stage, Strategy)
+from prunebench.layout import ROW_GROUPS, TokenLayout
+
+
+@dataclass
+class QueryResult:
+    actions: np.ndarray  # (chunk, action_dim), unnormalised
+    normalized: np.ndarray  # (chunk, action_dim) in [-1, 1]
+    record: QueryRecord
+    kept: dict[str, torch.Tensor] = field(default_factory=dict)  # stage.where -> visual indices
+
+
+class PruningEngine:
+    """Runs queries of a model (see prunebench.models) under a strategy."""
+
+    def __init__(self, model, record_kept: bool = False) -> None:
+        self.model = model
+        self.llm = model.llm
+        self.record_kept = record_kept
+
+    @property
+    def attention_backend(self) -> str:
+        return self.llm.config._attn_implementation
+
+    @torch.inference_mode()
+    def query(self, strategy: Strategy, obs: Observation, *, query_index: int = 0, step_index: int = 0,
+              seed: int = 0, frames=(), eef_history=(), actions_since_last_query=()) -> QueryResult:
+        timer = StageTimer()
+        with timer("vision"):
+            enc = self.model.encode(obs)
+        layout = enc.layout
+        ctx = QueryContext(observation=obs, layout=layout.copy(), n_layers=len(self.llm.layers),
+                           query_index=query_index, step_index=step_index, seed=seed,
+                           frames=list(frames), eef_history=list(eef_history),
+                           actions_since_last_query=list(actions_since_last_query))
+        name = strategy.name or type(strategy).__name__
+        with timer("overhead"):
+            plan = strategy.schedule(ctx)
+            self._check_plan(name, plan)
+            stages = {s.after_layer: s for s in plan.stages}
+            signals = Signals()
+            self._input_signals(plan, enc, signals)
+
+        h = enc.embeds
+        full_cos, full_sin = self.llm.rotary_emb(h, layout.positions[None])
+        cos, sin = full_cos, full_sin
+        recompact = strategy.position_ids == "recompact"
+        stage_records: list[StageRecord] = []
+        kept: dict[str, torch.Tensor] = {}
+        tokens, visual = [], []
+        n_other = layout.length - layout.n_visual  # non-visual tokens are never removed
+
+        def apply(stage: Stage, h: torch.Tensor):
+            nonlocal cos, sin
+            slots, record, keep = self._apply_stage(name, strategy, stage, signals, ctx, layout)
+            h = h[:, slots]
+            layout.keep_slots(slots)
+            if recompact:
+                cos, sin = full_cos[:, :len(slots)], full_sin[:, :len(slots)]
+            else:
+                cos, sin = cos[:, slots], sin[:, slots]
+            if h.shape[1] != layout.current_length or layout.n_present_visual() != record.visual_after:
+                raise EngineError(f"stage {stage.where} did not shorten the sequence as planned")
+            stage_records.append(record)
+            kept[stage.where] = keep
+            return h
+
+        if BEFORE_LLM in stages:
+            with timer("overhead"):
+                h = apply(stages[BEFORE_LLM], h)
+        pos_ids = self._position_ids(layout, recompact)
+        for index, layer in enumerate(self.llm.layers):
+            wanted = [r for r in plan.signals if r.kind == "attention" and r.layer == index]
+            if wanted:
+                with timer("overhead"):
+                    for request in wanted:
+                        signals[request] = sig.attention_to_visual(layer, h, cos, sin, layout, request.rows)
+            with timer("llm"):
+                h = layer(h, attention_mask=None, position_ids=pos_ids, position_embeddings=(cos, sin),
+                          is_causal=False)
+            tokens.append(h.shape[1])
+            visual.append(h.shape[1] - n_other)
+            if index in stages:
+                with timer("overhead"):
+                    h = apply(stages[index], h)
+                    pos_ids = self._position_ids(layout, recompact)
+        with timer("llm"):
+            h = self.llm.norm(h)
+        with timer("head"):
+            normalized = self.model.head(h[:, layout.readout_slots()])
+            actions = self.model.unnormalize_actions(normalized)
+
+        cfg = self.llm.config
+        dense_tokens = [layout.length] * len(self.llm.layers)
+        record = QueryRecord(
+            query_index=query_index, step_index=step_index, dense=plan.is_dense,
+            tokens_per_layer=tokens, visual_per_layer=visual,
+            llm_flops=llm_flops(tokens, cfg.hidden_size, cfg.intermediate_size),
+            dense_llm_flops=llm_flops(dense_tokens, cfg.hidden_size, cfg.intermediate_size),
+            stages=stage_records)
+        self._check_tokens(plan, record, layout)
+        with timer("overhead"):
+            strategy.on_forward_end(signals, record)
+        record.ms = timer.total()
+        return QueryResult(actions[0].numpy(), normalized[0].numpy(), record, kept)
+
+    # ------------------------------------------------------------------ pieces
+    @staticmethod
+    def _position_ids(layout: TokenLayout, recompact: bool) -> torch.Tensor:
+        if recompact:
+            return torch.arange(layout.current_length)[None]
+        return layout.positions[None]
+
+    def _input_signals(self, plan: PrunePlan, enc, signals: Signals) -> None:
+        """Signals that need no layer to have run: computed once on the unpruned input."""
+        for request in plan.signals:
+            if request.kind == "embeddings":
+                signals[request] = sig.visual_embeddings(enc.embeds, enc.layout)
+            elif request.kind == "pixels":
+                signals[request] = self.model.patch_pixels(enc.images)
+            elif request.kind == "qk_logits":
+                signals[request] = sig.qk_logits_to_visual(self.llm.layers[request.layer], enc.embeds,
+                                                           enc.layout, request.rows)
+
+    def _apply_stage(self, name: str, strategy: Strategy, stage: Stage, signals: Signals,
+                     ctx: QueryContext, layout: TokenLayout):
+        before = layout.n_present_visual()
+        try:
+            scores = strategy.score(stage, signals, ctx)
+        except KeyError as err:  # a signal read before it exists
+            raise StrategyError(name, f"stage {stage.where}: {err.args[0]}") from None
+        if not isinstance(scores, torch.Tensor) or scores.shape != (layout.n_visual,):
+            got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+            raise StrategyError(name, f"stage {stage.where}: score() must return a tensor of shape "
+                                      f"({layout.n_visual},), got {got}")
+        keep = strategy.select(stage, scores, ctx, layout.copy())
+        keep = self._check_keep(name, stage, keep, layout)
+        slots = torch.sort(torch.cat([torch.nonzero(~layout.is_visual_slot(), as_tuple=True)[0],
+                                      layout.visual_to_slots(keep)])).values
+        record = StageRecord(where=stage.where, name=stage.name, visual_before=before,
+                             visual_after=int(keep.numel()),
+                             kept=keep.tolist() if self.record_kept else None)
+        return slots, record, keep
+
+    @staticmethod
+    def _check_keep(name: str, stage: Stage, keep, layout: TokenLayout) -> torch.Tensor:
+        where = f"stage {stage.where}: keep-set"
+        if not isinstance(keep, torch.Tensor) or keep.dim() != 1 or keep.is_floating_point():
+            raise StrategyError(name, f"{where} must be a 1-D integer tensor of visual indices")
+        keep = keep.long()
+        if keep.numel() == 0:
+            raise StrategyError(name, f"{where} is empty (keep at least one visual token)")
+        bad = keep[(keep < 0) | (keep >= layout.n_visual)]
+        if bad.numel():
+            raise StrategyError(name, f"{where} has indices {bad.tolist()[:5]} outside the visual "
+                                      f"tokens 0..{layout.n_visual - 1}; non-visual tokens (BOS, "
+                                      "proprio, prompt, actions, STOP) cannot be removed")
+        unique, counts = torch.unique(keep, return_counts=True)
+        if (counts > 1).any():
+            raise StrategyError(name, f"{where} has duplicate indices {unique[counts > 1].tolist()[:5]}")
+        absent = unique[~torch.isin(unique, layout.present_visual())]
+        if absent.numel():
+            raise StrategyError(name, f"{where} keeps {absent.tolist()[:5]}, already removed earlier")
+        return unique
+
+    def _check_plan(self, name: str, plan) -> None:
+        if not isinstance(plan, PrunePlan):
+            raise StrategyError(name, f"schedule() must return a PrunePlan, got {type(plan).__name__}")
+        last = len(self.llm.layers) - 2
+        points = [s.after_layer for s in plan.stages]
+        for point in points:
+            if not BEFORE_LLM <= point <= last:
+                raise StrategyError(name, f"plan has a stage after layer {point}; valid: -1 (before "
+                                          f"the LLM) .. {last} (the model has {last + 2} layers)")
+        if points != sorted(set(points)):
+            raise StrategyError(name, f"plan stages must be in layer order, one per point; got {points}")
+        for request in plan.signals:
+            if not isinstance(request, SignalRequest) or request.kind not in SIGNAL_KINDS:
+                raise StrategyError(name, f"unknown signal {request!r}; kinds: {', '.join(SIGNAL_KINDS)}")
+            if not 0 <= request.layer <= last + 1:
+                raise StrategyError(name, f"signal {request.key}: layer {request.layer} out of range "
+                                          f"0..{last + 1}")
+            if request.kind in ("attention", "qk_logits") and request.rows not in ROW_GROUPS:
+                raise StrategyError(name, f"signal {request.key}: rows must be one of "
+                                          f"{', '.join(ROW_GROUPS)}")
+
+    @staticmethod
+    def _check_tokens(plan: PrunePlan, record: QueryRecord, layout: TokenLayout) -> None:
+        """Realised tokens per layer must equal what the stage records imply."""
+        n_other = layout.length - layout.n_visual
+        expected, current = [], layout.n_visual
+        after = {int(r.where.rsplit("_", 1)[1]) if r.where != "before_llm" else BEFORE_LLM: r.visual_after
+                 for r in record.stages}
+        current = after.get(BEFORE_LLM, current)
+        for index in range(len(record.tokens_per_layer)):
+            expected.append(n_other + current)
+            current = after.get(index, current)
+        if expected != record.tokens_per_layer:
+            raise EngineError(f"tokens per layer {record.tokens_per_layer} differ from the plan {expected}")

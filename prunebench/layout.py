@@ -1,0 +1,191 @@
+"""The token layout of one VLA query: which sequence position holds what.
+
+OpenVLA-OFT's sequence is ``BOS | view 0 patches | view 1 patches | proprio | prompt | 56 action
+slots | STOP``. Strategies and the engine address visual tokens by *visual index* (0 .. n_visual-1,
+views concatenated in order) and everything else by span names. After every removal the engine
+calls :meth:`TokenLayout.keep_slots`, so ``positions`` always maps the current slot (index in the
+shortened sequence) to the original position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+# Row groups a strategy may ask attention for (see TokenLayout.row_slots).
+ROW_GROUPS = ("text", "prompt", "language", "prefill", "action", "nonvision", "last")
+
+
+@dataclass(frozen=True)
+class ViewSpan:
+    """One camera view's patch tokens: a rows x cols grid in raster order starting at ``start``."""
+
+    name: str
+    start: int
+    rows: int
+    cols: int
+
+    @property
+    def size(self) -> int:
+        return self.rows * self.cols
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.size
+
+
+@dataclass
+class TokenLayout:
+    """Spans of one query's sequence plus the current-slot -> original-position map."""
+
+    views: tuple[ViewSpan, ...]
+    proprio: tuple[int, int]  # [start, stop) of the proprio token(s)
+    prompt: tuple[int, int]  # [start, stop) of the prompt tokens (after BOS)
+    template: tuple[int, ...]  # original positions of the prompt's fixed template tokens
+    actions: tuple[int, int]  # [start, stop) of the zeroed action slots
+    stop: int  # original position of STOP
+    positions: torch.Tensor = field(default=None)  # current slot -> original position
+
+    def __post_init__(self) -> None:
+        if self.positions is None:
+            self.positions = torch.arange(self.length)
+        self._present = self._per_view = None  # caches, reset on every removal
+        starts = [v.start for v in self.views]
+        if starts[0] != 1 or any(a.stop != b.start for a, b in zip(self.views, self.views[1:])):
+            raise ValueError("views must be contiguous and start right after BOS")
+
+    # -- static facts about the original sequence -------------------------------------------
+    @property
+    def length(self) -> int:
+        """Original sequence length."""
+        return self.stop + 1
+
+    @property
+    def n_visual(self) -> int:
+        return sum(v.size for v in self.views)
+
+    @property
+    def visual_start(self) -> int:
+        return self.views[0].start
+
+    @property
+    def n_actions(self) -> int:
+        return self.actions[1] - self.actions[0]
+
+    def view_of_visual(self) -> torch.Tensor:
+        """View id of every visual index (shape n_visual)."""
+        return torch.cat([torch.full((v.size,), i) for i, v in enumerate(self.views)])
+
+    def visual_range(self, view: int) -> range:
+        """Visual indices of one view."""
+        offset = self.views[view].start - self.visual_start
+        return range(offset, offset + self.views[view].size)
+
+    def grid_of_visual(self, index: int) -> tuple[int, int, int]:
+        """(view, row, col) of a visual index."""
+        for i, v in enumerate(self.views):
+            local = index - (v.start - self.visual_start)
+            if 0 <= local < v.size:
+                return i, local // v.cols, local % v.cols
+        raise IndexError(f"visual index {index} out of range 0..{self.n_visual - 1}")
+
+    # -- the current (possibly pruned) sequence ---------------------------------------------
+    @property
+    def current_length(self) -> int:
+        return int(self.positions.numel())
+
+    def is_visual_slot(self) -> torch.Tensor:
+        """Bool mask over current slots: True where the slot holds a visual token."""
+        p = self.positions
+        return (p >= self.visual_start) & (p < self.visual_start + self.n_visual)
+
+    def visual_slots(self) -> torch.Tensor:
+        """Current slots that hold visual tokens, in order."""
+        return torch.nonzero(self.is_visual_slot(), as_tuple=True)[0]
+
+    def present_visual(self) -> torch.Tensor:
+        """Visual indices still in the sequence (sorted)."""
+        if self._present is None:
+            self._present = self.positions[self.is_visual_slot()] - self.visual_start
+        return self._present
+
+    def n_present_visual(self, view: int | None = None) -> int:
+        if view is None:
+            return int(self.present_visual().numel())
+        if self._per_view is None:
+            offsets = torch.tensor([v.stop - self.visual_start for v in self.views])
+            views = torch.bucketize(self.present_visual(), offsets, right=True)
+            self._per_view = torch.bincount(views, minlength=len(self.views)).tolist()
+        return self._per_view[view]
+
+    def row_slots(self, group: str) -> torch.Tensor:
+        """Current slots of a query-row group.
+
+        text: prompt minus its fixed template; prompt: whole prompt; language: BOS + prompt + STOP;
+        prefill: everything before the action slots; action: the action slots; nonvision: every
+        non-visual token; last: STOP.
+        """
+        p = self.positions
+        if group == "text":
+            in_prompt = (p >= self.prompt[0]) & (p < self.prompt[1])
+            mask = in_prompt & ~torch.isin(p, torch.tensor(self.template, dtype=p.dtype))
+        elif group == "prompt":
+            mask = (p >= self.prompt[0]) & (p < self.prompt[1])
+        elif group == "language":
+            mask = (p == 0) | ((p >= self.prompt[0]) & (p < self.prompt[1])) | (p == self.stop)
+        elif group == "prefill":
+            mask = p < self.actions[0]
+        elif group == "action":
+            mask = (p >= self.actions[0]) & (p < self.actions[1])
+        elif group == "nonvision":
+            mask = ~self.is_visual_slot()
+        elif group == "last":
+            mask = p == self.stop
+        else:
+            raise ValueError(f"unknown row group {group!r}; choose from {', '.join(ROW_GROUPS)}")
+        return torch.nonzero(mask, as_tuple=True)[0]
+
+    def readout_slots(self) -> torch.Tensor:
+        """Slots the action head reads: OFT's convention, one position before each action slot.
+
+        That is the last prompt token plus the first n_actions-1 action slots, located through the
+        kept-position map (never from fixed offsets), the same for every strategy, dense included.
+        """
+        wanted = torch.arange(self.actions[0] - 1, self.actions[1] - 1)
+        slots = torch.searchsorted(self.positions, wanted)
+        if slots.max() >= self.current_length or not torch.equal(self.positions[slots], wanted):
+            raise RuntimeError("an action read-out position was removed from the sequence")
+        return slots
+
+    def keep_slots(self, slots: torch.Tensor) -> None:
+        """Record that only ``slots`` (sorted current slots) survive a removal."""
+        self.positions = self.positions[slots]
+        self._present = self._per_view = None
+
+    def visual_to_slots(self, visual_index: torch.Tensor) -> torch.Tensor:
+        """Current slots of the given (present) visual indices."""
+        return torch.searchsorted(self.positions, visual_index + self.visual_start)
+
+    def copy(self) -> "TokenLayout":
+        return TokenLayout(self.views, self.proprio, self.prompt, self.template, self.actions,
+                           self.stop, self.positions.clone())
+
+    @classmethod
+    def build(cls, grids: list[tuple[str, int, int]], n_proprio: int, n_prompt: int,
+              n_template_head: int, n_template_tail: int, n_actions: int) -> "TokenLayout":
+        """Lay out BOS | views | proprio | prompt | actions | STOP.
+
+        ``n_template_head`` / ``n_template_tail``: how many of the prompt's first / last tokens
+        belong to the fixed template ("In: What action should the robot take to" ... "?\\nOut:").
+        """
+        views, pos = [], 1
+        for name, rows, cols in grids:
+            views.append(ViewSpan(name, pos, rows, cols))
+            pos += rows * cols
+        proprio = (pos, pos + n_proprio)
+        prompt = (proprio[1], proprio[1] + n_prompt)
+        template = tuple(range(prompt[0], prompt[0] + n_template_head)) + tuple(
+            range(prompt[1] - n_template_tail, prompt[1]))
+        actions = (prompt[1], prompt[1] + n_actions)
+        return cls(tuple(views), proprio, prompt, template, actions, actions[1])

@@ -1,0 +1,274 @@
+"""MiniOFT: a small OpenVLA-OFT-shaped VLA that runs on a CPU.
+
+Same data flow as OpenVLA-OFT (openvla-oft.md §1-6), scaled down:
+
+    camera views --conv patch stem--> patch tokens --GELU MLP projector--> LLM width
+    proprio (8) --MLP--> 1 token
+    BOS | view patches ... | proprio | prompt | 56 zeroed action slots (8 x 7) | STOP
+    --> transformers LlamaModel, bidirectional --> final RMSNorm
+    --> read 56 hidden states one position before each action slot (OFT's shifted slice)
+    --> reshape (8, 7*D) --> L1-regression MLP-ResNet head --> (8, 7) actions in [-1, 1]
+    --> un-normalise with q01/q99 bounds (neutral on constant dimensions).
+
+Weights and normalisation statistics are saved together as one safetensors file.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import LlamaConfig, LlamaModel
+
+from prunebench.interface import Observation
+from prunebench.layout import TokenLayout
+from prunebench.models.tokenizer import WordTokenizer
+
+
+class MiniOFTConfig(BaseModel):
+    """Sizes of the built-in model. Defaults chosen for a dense query <= 60 ms on 2 CPU cores."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    views: tuple[str, ...] = ("agentview", "wrist")
+    image_size: int = Field(96, ge=16)
+    patch_size: int = Field(8, ge=4)
+    stem_channels: int = Field(32, ge=1)
+    vision_width: int = Field(64, ge=1)
+    hidden_size: int = Field(256, ge=8)
+    n_layers: int = Field(8, ge=1)
+    n_heads: int = Field(4, ge=1)
+    n_kv_heads: int | None = None
+    intermediate_size: int = Field(688, ge=1)
+    head_hidden: int = Field(256, ge=1)
+    proprio_dim: int = 8
+    action_dim: int = 7
+    chunk: int = 8
+    rope_theta: float = 10000.0
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+
+    @model_validator(mode="after")
+    def _check(self) -> "MiniOFTConfig":
+        if self.patch_size % 4 or self.image_size % self.patch_size:
+            raise ValueError("patch_size must be a multiple of 4 that divides image_size")
+        if self.hidden_size % self.n_heads:
+            raise ValueError("hidden_size must be divisible by n_heads")
+        return self
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+
+class ViewEncoder(nn.Module):
+    """Conv patch stem (two stride-2 convs, then a patch-sized stride) + learned positions."""
+
+    def __init__(self, cfg: MiniOFTConfig) -> None:
+        super().__init__()
+        c, k = cfg.stem_channels, cfg.patch_size // 4
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, c, 4, 2, 1), nn.GELU(),
+            nn.Conv2d(c, c, 4, 2, 1), nn.GELU(),
+            nn.Conv2d(c, cfg.vision_width, k, k),
+        )
+        self.pos = nn.Parameter(torch.zeros(cfg.grid * cfg.grid, cfg.vision_width))
+        nn.init.normal_(self.pos, std=0.02)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:  # (B,3,H,W) -> (B, grid², width)
+        return self.stem(image).flatten(2).transpose(1, 2) + self.pos
+
+
+class L1RegressionHead(nn.Module):
+    """OFT's MLP-ResNet head: LN -> Linear -> ReLU -> 2 residual blocks -> LN -> Linear(7)."""
+
+    def __init__(self, in_dim: int, hidden: int, action_dim: int) -> None:
+        super().__init__()
+        self.norm_in = nn.LayerNorm(in_dim)
+        self.fc_in = nn.Linear(in_dim, hidden)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.ReLU()) for _ in range(2))
+        self.norm_out = nn.LayerNorm(hidden)
+        self.fc_out = nn.Linear(hidden, action_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.fc_in(self.norm_in(x)))
+        for block in self.blocks:
+            x = x + block(x)
+        return self.fc_out(self.norm_out(x))
+
+
+@dataclass
+class Encoded:
+    """The LLM input of one query, before any removal."""
+
+    embeds: torch.Tensor  # (1, L, D)
+    layout: TokenLayout
+    images: torch.Tensor  # (views, 3, S, S) preprocessed, in [0, 1]
+    vision_ms: float
+
+
+class MiniOFT(nn.Module):
+    """The built-in model. Exposes what the engine needs: encode, llm (layers, norm, rotary), head."""
+
+    def __init__(self, cfg: MiniOFTConfig | None = None, tokenizer: WordTokenizer | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg = cfg or MiniOFTConfig()
+        self.tokenizer = tokenizer or WordTokenizer()
+        self.encoders = nn.ModuleList(ViewEncoder(cfg) for _ in cfg.views)
+        w, d = cfg.vision_width, cfg.hidden_size
+        self.projector = nn.Sequential(nn.Linear(w, 4 * w), nn.GELU(), nn.Linear(4 * w, d), nn.GELU(),
+                                       nn.Linear(d, d))
+        self.proprio_projector = nn.Sequential(nn.Linear(cfg.proprio_dim, d), nn.GELU(), nn.Linear(d, d))
+        self.llm = LlamaModel(LlamaConfig(
+            vocab_size=len(self.tokenizer), hidden_size=d, intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+            num_key_value_heads=cfg.n_kv_heads or cfg.n_heads, rope_theta=cfg.rope_theta,
+            max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            attn_implementation=cfg.attn_implementation))
+        make_bidirectional(self.llm)
+        self.action_head = L1RegressionHead(cfg.action_dim * d, cfg.head_hidden, cfg.action_dim)
+        # normalisation statistics (BOUNDS_Q99 style); set by training, saved with the weights
+        self.register_buffer("action_q01", -torch.ones(cfg.action_dim))
+        self.register_buffer("action_q99", torch.ones(cfg.action_dim))
+        self.register_buffer("action_mask", torch.ones(cfg.action_dim, dtype=torch.bool))
+        self.register_buffer("proprio_q01", -torch.ones(cfg.proprio_dim))
+        self.register_buffer("proprio_q99", torch.ones(cfg.proprio_dim))
+
+    # ------------------------------------------------------------------ construction / io
+    @classmethod
+    def random(cls, cfg: MiniOFTConfig | None = None, seed: int = 0) -> "MiniOFT":
+        """Randomly initialised model, identical for the same seed."""
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = cls(cfg)
+        return model.eval()
+
+    def save(self, path: str | Path, extra: dict | None = None) -> None:
+        meta = {"config": self.cfg.model_dump_json(), "vocab": json.dumps(self.tokenizer.vocab),
+                "extra": json.dumps(extra or {})}
+        state = {k: v.contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MiniOFT":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        cfg = MiniOFTConfig.model_validate_json(meta["config"])
+        model = cls(cfg, WordTokenizer(json.loads(meta["vocab"])))
+        model.load_state_dict(load_file(str(path)))
+        return model.eval()
+
+    # ------------------------------------------------------------------ properties the engine reads
+    @property
+    def n_layers(self) -> int:
+        return self.cfg.n_layers
+
+    @property
+    def attn_implementation(self) -> str:
+        return self.llm.config._attn_implementation
+
+    # ------------------------------------------------------------------ pre-LLM
+    def preprocess_images(self, obs: Observation) -> torch.Tensor:
+        """uint8 HxWx3 per view -> (views, 3, S, S) floats in [0, 1] at the model's resolution."""
+        missing = [v for v in self.cfg.views if v not in obs.images]
+        if missing:
+            raise ValueError(f"observation.images lacks view(s) {missing}; model expects {self.cfg.views}")
+        x = torch.stack([torch.as_tensor(np.ascontiguousarray(obs.images[v])) for v in self.cfg.views])
+        x = x.permute(0, 3, 1, 2).float() / 255.0
+        if x.shape[-1] != self.cfg.image_size or x.shape[-2] != self.cfg.image_size:
+            x = F.interpolate(x, size=(self.cfg.image_size,) * 2, mode="bilinear", antialias=True,
+                              align_corners=False).clamp(0, 1)
+        return x
+
+    def normalize_proprio(self, proprio: np.ndarray | torch.Tensor) -> torch.Tensor:
+        p = torch.as_tensor(np.asarray(proprio, dtype=np.float32))
+        return _to_unit(p, self.proprio_q01, self.proprio_q99)
+
+    def layout_for(self, n_prompt: int) -> TokenLayout:
+        g = self.cfg.grid
+        return TokenLayout.build([(v, g, g) for v in self.cfg.views], n_proprio=1, n_prompt=n_prompt,
+                                 n_template_head=self.tokenizer.head_len,
+                                 n_template_tail=self.tokenizer.tail_len,
+                                 n_actions=self.cfg.chunk * self.cfg.action_dim)
+
+    def embed(self, images: torch.Tensor, proprio: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
+        """Batched LLM input embeddings: images (B,V,3,S,S), proprio (B,8) normalised, prompt (B,P)."""
+        b = images.shape[0]
+        patches = torch.cat([enc(images[:, i]) for i, enc in enumerate(self.encoders)], dim=1)
+        visual = self.projector(patches)
+        prop = self.proprio_projector(proprio).unsqueeze(1)
+        tok = self.llm.embed_tokens
+        bos = tok(torch.full((b, 1), self.tokenizer.bos))
+        stop = tok(torch.full((b, 1), self.tokenizer.eos))
+        actions = visual.new_zeros(b, self.cfg.chunk * self.cfg.action_dim, visual.shape[-1])
+        return torch.cat([bos, visual, prop, tok(prompt_ids), actions, stop], dim=1)
+
+    @torch.inference_mode()
+    def encode(self, obs: Observation) -> Encoded:
+        t0 = time.perf_counter()
+        images = self.preprocess_images(obs)
+        ids = torch.tensor([self.tokenizer.prompt_ids(obs.instruction)])
+        embeds = self.embed(images[None], self.normalize_proprio(obs.proprio)[None], ids)
+        vision_ms = (time.perf_counter() - t0) * 1e3
+        return Encoded(embeds, self.layout_for(ids.shape[1]), images, vision_ms)
+
+    def patch_pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """Raw pixels (0..255) of every visual token's image patch: (n_visual, patch*patch*3)."""
+        p = self.cfg.patch_size
+        x = (images * 255.0).round()
+        x = x.unfold(2, p, p).unfold(3, p, p)  # (V, 3, g, g, p, p)
+        return x.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3 * p * p)
+
+    # ------------------------------------------------------------------ post-LLM
+    def head(self, readout: torch.Tensor) -> torch.Tensor:
+        """(B, 56, D) hidden states -> (B, 8, 7) normalised actions."""
+        b = readout.shape[0]
+        return self.action_head(readout.reshape(b, self.cfg.chunk, -1))
+
+    def unnormalize_actions(self, actions: torch.Tensor) -> torch.Tensor:
+        out = _from_unit(actions, self.action_q01, self.action_q99)
+        return torch.where(self.action_mask, out, actions)
+
+    # ------------------------------------------------------------------ reference forward
+    @torch.inference_mode()
+    def predict(self, obs: Observation) -> torch.Tensor:
+        """The model's own dense forward through ``LlamaModel.forward`` (reference for the engine)."""
+        enc = self.encode(obs)
+        hidden = self.llm(inputs_embeds=enc.embeds).last_hidden_state
+        readout = hidden[:, enc.layout.readout_slots()]
+        return self.unnormalize_actions(self.head(readout))[0]
+
+
+def make_bidirectional(llm: LlamaModel) -> None:
+    """OFT attends bidirectionally. Set it on the config (for LlamaModel.forward) and on every
+    attention module (a manual layer loop bypasses the config; openvla-oft.md §9.3 pitfall)."""
+    llm.config.is_causal = False
+    for layer in llm.layers:
+        layer.self_attn.is_causal = False
+
+
+def _scale(q01: torch.Tensor, q99: torch.Tensor) -> torch.Tensor:
+    return q99 - q01
+
+
+def _to_unit(x: torch.Tensor, q01: torch.Tensor, q99: torch.Tensor) -> torch.Tensor:
+    """Map [q01, q99] to [-1, 1] (clipped); constant dimensions map to 0 (neutral)."""
+    span = _scale(q01, q99)
+    constant = span.abs() < 1e-6
+    unit = 2 * (x - q01) / torch.where(constant, torch.ones_like(span), span) - 1
+    return torch.where(constant, torch.zeros_like(unit), unit.clamp(-1, 1))
+
+
+def _from_unit(a: torch.Tensor, q01: torch.Tensor, q99: torch.Tensor) -> torch.Tensor:
+    """Inverse of _to_unit; a constant dimension returns its constant value."""
+    return 0.5 * (a + 1) * _scale(q01, q99) + q01
