@@ -23,10 +23,13 @@ class RunConfig(BaseModel):
 
 
 def one_line(err: ValidationError, prefix: str = "") -> str:
-    first = err.errors()[0]
+    """The most telling error as one line; an unknown field (often a typo) comes first."""
+    errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    first = errors[0]
     field = ".".join(str(p) for p in first["loc"]) or "(root)"
-    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{prefix}field {field!r}: {first['msg']}{more}"
+    message = "unknown field (typo?)" if first["type"] == "extra_forbidden" else first["msg"]
+    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{prefix}field {field!r}: {message}{more}"
 
 
 def load_run_config(path: str | Path) -> RunConfig:

@@ -1,0 +1,198 @@
+import pytest
+import torch
+
+from prunebench import BEFORE_LLM, Budget, PrunePlan, Stage, StrategyError, attention
+from prunebench.engine import PruningEngine
+from prunebench.errors import EngineError
+from prunebench.plugins import MANAGER
+from prunebench.signals import attention_to_visual
+from tests.conftest import TINY, make_observation
+from tests.helpers import FixedPlan, first_k, keep_all
+
+POINTS = list(range(BEFORE_LLM, TINY.n_layers - 1))
+
+
+def dense(engine, obs):
+    return engine.query(MANAGER.create("none"), obs)
+
+
+def test_engine_dense_loop_equals_model_forward(engine, tiny_model, obs):
+    reference = tiny_model.predict(obs)  # LlamaModel.forward, bidirectional through the config
+    assert torch.allclose(torch.as_tensor(dense(engine, obs).actions), reference, atol=1e-6)
+
+
+def test_attention_is_bidirectional(engine, tiny_model, obs):
+    """The causal trap of openvla-oft.md §9.3: flipping the flag must change the actions."""
+    bidirectional = dense(engine, obs).actions
+    for layer in tiny_model.llm.layers:
+        layer.self_attn.is_causal = True
+    try:
+        causal_model_output = tiny_model.predict(obs)  # config.is_causal stays False -> still bidirectional
+        assert torch.allclose(causal_model_output, torch.as_tensor(bidirectional), atol=1e-6)
+    finally:
+        for layer in tiny_model.llm.layers:
+            layer.self_attn.is_causal = False
+    enc = tiny_model.encode(obs)
+    causal = tiny_model.llm(inputs_embeds=enc.embeds, is_causal=True).last_hidden_state
+    bidir = tiny_model.llm(inputs_embeds=enc.embeds).last_hidden_state
+    assert (causal - bidir).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("positions", ["original", "recompact"])
+@pytest.mark.parametrize("point", POINTS)
+def test_keep_everything_reproduces_dense(engine, obs, point, positions):
+    out = engine.query(FixedPlan([keep_all(point)], position_ids=positions), obs)
+    assert torch.allclose(torch.as_tensor(out.actions), torch.as_tensor(dense(engine, obs).actions), atol=1e-5)
+
+
+@pytest.mark.parametrize("point", POINTS)
+def test_realised_tokens_per_layer_equal_plan(engine, obs, point):
+    out = engine.query(FixedPlan([Stage(point)], keep_fn=first_k(5)), obs)
+    layout = engine.model.encode(obs).layout
+    full, other = layout.length, layout.length - layout.n_visual
+    expected = [full if layer <= point else other + 5 for layer in range(TINY.n_layers)]
+    assert out.record.tokens_per_layer == expected
+    assert out.record.stages[0].visual_after == 5 and out.record.llm_flops < out.record.dense_llm_flops
+
+
+def test_two_stages_and_keep_set_in_original_indices(engine, obs):
+    keep_first = lambda stage, layout: layout.present_visual()[: 20 if stage.after_layer < 1 else 7]
+    out = engine.query(FixedPlan([Stage(0), Stage(2)], keep_fn=keep_first), obs)
+    assert out.kept["after_layer_0"].tolist() == list(range(20))
+    assert out.kept["after_layer_2"].tolist() == list(range(7))
+    assert [s.visual_after for s in out.record.stages] == [20, 7]
+
+
+def test_before_llm_with_original_positions_equals_shortened_sequence(engine, tiny_model, obs):
+    keep = torch.tensor([0, 3, 5, 17, 20, 31])
+    out = engine.query(FixedPlan([Stage(BEFORE_LLM)], keep_fn=lambda s, l: keep), obs)
+    enc = tiny_model.encode(obs)
+    layout = enc.layout
+    visual = torch.arange(layout.visual_start, layout.visual_start + layout.n_visual)
+    slots = torch.tensor([p for p in range(layout.length) if p not in set(visual.tolist())] +
+                         (keep + layout.visual_start).tolist()).sort().values
+    hidden = tiny_model.llm(inputs_embeds=enc.embeds[:, slots], position_ids=slots[None]).last_hidden_state
+    layout.keep_slots(slots)
+    reference = tiny_model.unnormalize_actions(tiny_model.head(hidden[:, layout.readout_slots()]))[0]
+    assert torch.allclose(torch.as_tensor(out.actions), reference, atol=1e-5)
+    recompact = engine.query(FixedPlan([Stage(BEFORE_LLM)], keep_fn=lambda s, l: keep,
+                                       position_ids="recompact"), obs)
+    assert not torch.allclose(torch.as_tensor(recompact.actions), reference, atol=1e-5)
+
+
+def test_recomputed_attention_matches_eager_weights(tiny_model, obs):
+    enc = tiny_model.encode(obs)
+    layout, h = enc.layout, enc.embeds
+    cos, sin = tiny_model.llm.rotary_emb(h, layout.positions[None])
+    layer = tiny_model.llm.layers[1]
+    config = tiny_model.llm.config
+    previous = config._attn_implementation
+    config._attn_implementation = "eager"
+    try:
+        with torch.inference_mode():
+            _, weights = layer.self_attn(layer.input_layernorm(h), position_embeddings=(cos, sin),
+                                         attention_mask=None)
+    finally:
+        config._attn_implementation = previous
+    rows = layout.row_slots("text")
+    expected = weights[0][:, rows].mean(dim=(0, 1))[layout.visual_slots()]
+    with torch.inference_mode():
+        got = attention_to_visual(layer, h, cos, sin, layout, "text")
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_sdpa_and_eager_backends_agree(obs):
+    from prunebench.models.mini_oft import MiniOFT
+
+    sdpa = MiniOFT.random(TINY, seed=3)
+    eager = MiniOFT.random(TINY.model_copy(update={"attn_implementation": "eager"}), seed=3)
+    a = PruningEngine(sdpa).query(MANAGER.create("none"), obs).actions
+    b = PruningEngine(eager).query(MANAGER.create("none"), obs).actions
+    assert torch.allclose(torch.as_tensor(a), torch.as_tensor(b), atol=1e-5)
+
+
+def test_same_seed_same_keep_and_actions(engine, obs):
+    strategy = MANAGER.create("random", {"keep_ratio": 0.3})
+    a, b = engine.query(strategy, obs, seed=7), engine.query(strategy, obs, seed=7)
+    c = engine.query(strategy, obs, seed=8)
+    assert torch.equal(a.kept["before_llm"], b.kept["before_llm"])
+    assert (a.actions == b.actions).all()
+    assert not torch.equal(a.kept["before_llm"], c.kept["before_llm"])
+
+
+@pytest.mark.parametrize("keep, message", [
+    (torch.tensor([], dtype=torch.long), "is empty"),
+    (torch.tensor([1, 1, 2]), "duplicate"),
+    (torch.tensor([0, 999]), "outside the visual tokens"),
+    (torch.tensor([-1, 2]), "outside the visual tokens"),
+    (torch.tensor([0.5, 1.0]), "integer tensor"),
+])
+def test_invalid_keep_sets_name_the_strategy(engine, obs, keep, message):
+    with pytest.raises(StrategyError, match=f"strategy 'fixed-plan'.*{message}"):
+        engine.query(FixedPlan([Stage(0)], keep_fn=lambda s, l: keep), obs)
+
+
+def test_keeping_an_already_removed_token_is_an_error(engine, obs):
+    keep = lambda stage, layout: torch.tensor([0, 1]) if stage.after_layer == 0 else torch.tensor([0, 5])
+    with pytest.raises(StrategyError, match="already removed"):
+        engine.query(FixedPlan([Stage(0), Stage(1)], keep_fn=keep), obs)
+
+
+@pytest.mark.parametrize("stages, signals, message", [
+    ([Stage(TINY.n_layers - 1)], (), "valid: -1"),
+    ([Stage(-2)], (), "valid: -1"),
+    ([Stage(2), Stage(1)], (), "layer order"),
+    ([Stage(1), Stage(1)], (), "layer order"),
+    ([], (attention(1, "sideways"),), "rows must be one of"),
+    ([], (attention(99),), "out of range"),
+])
+def test_invalid_plans_name_the_strategy(engine, obs, stages, signals, message):
+    with pytest.raises(StrategyError, match=f"strategy 'fixed-plan'.*{message}"):
+        engine.query(FixedPlan(stages, signals), obs)
+
+
+def test_reading_a_signal_before_its_layer_ran_is_an_error(engine, obs):
+    class ReadsTooEarly(FixedPlan):
+        def score(self, stage, signals, ctx):
+            return signals[attention(2)]
+
+    with pytest.raises(StrategyError, match="was not computed"):
+        engine.query(ReadsTooEarly([Stage(0)], (attention(2),)), obs)
+
+
+def test_engine_fails_loudly_when_tokens_do_not_match_plan(engine, obs):
+    out = engine.query(FixedPlan([Stage(0)], keep_fn=first_k(3)), obs)
+    record = out.record.model_copy(update={"tokens_per_layer": [out.record.tokens_per_layer[0]] * TINY.n_layers})
+    with pytest.raises(EngineError, match="differ from the plan"):
+        PruningEngine._check_tokens(PrunePlan((Stage(0),)), record, engine.model.encode(obs).layout)
+
+
+@pytest.mark.parametrize("name", ["random", "downsample", "fastv"])
+def test_baselines_hit_their_budget(engine, obs, name):
+    out = engine.query(MANAGER.create(name, {"keep_ratio": 0.25}), obs)
+    n_visual = engine.model.encode(obs).layout.n_visual
+    assert out.record.stages[0].visual_after == round(0.25 * n_visual)
+    assert out.record.ms["overhead"] > 0 and out.record.ms["total"] >= out.record.ms["llm"]
+
+
+def test_fastv_keeps_most_attended_tokens(engine, obs):
+    """FastV's keep-set equals the top-k of the attention signal it requested."""
+    strategy = MANAGER.create("fastv", {"keep_ratio": 0.25, "layer": 1, "rows": "text", "per_view": False})
+
+    captured = {}
+
+    class Spy(type(strategy)):
+        def select(self, stage, scores, ctx, layout):
+            captured["scores"] = scores
+            return super().select(stage, scores, ctx, layout)
+
+    out = engine.query(Spy(strategy.config), obs)
+    scores = captured["scores"]
+    k = out.record.stages[0].visual_after
+    assert set(out.kept["after_layer_1"].tolist()) == set(torch.topk(scores, k).indices.tolist())
+
+
+def test_different_observations_give_different_actions(engine):
+    a = dense(engine, make_observation(1)).actions
+    b = dense(engine, make_observation(2)).actions
+    assert abs(a - b).max() > 1e-4

@@ -1,0 +1,54 @@
+import numpy as np
+import pytest
+import torch
+
+from prunebench.models import load_model
+from prunebench.models.mini_oft import MiniOFT, MiniOFTConfig, _from_unit, _to_unit
+from prunebench.models.tokenizer import WordTokenizer
+from tests.conftest import TINY
+
+
+def test_save_load_round_trip(tmp_path, tiny_model, obs):
+    tiny_model.action_q01.fill_(-2.0)
+    path = tmp_path / "m.safetensors"
+    tiny_model.save(path)
+    loaded, info = load_model(path)
+    assert info["trained"] and len(info["sha256"]) == 64
+    assert loaded.cfg == TINY
+    assert torch.equal(loaded.predict(obs), tiny_model.predict(obs))
+    tiny_model.action_q01.fill_(-1.0)
+
+
+def test_same_seed_same_weights():
+    a, b = MiniOFT.random(TINY, seed=5), MiniOFT.random(TINY, seed=5)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_normalisation_is_neutral_on_constant_dimensions():
+    q01, q99 = torch.tensor([-1.0, 0.0, 2.0]), torch.tensor([1.0, 0.0, 4.0])
+    unit = _to_unit(torch.tensor([0.5, 0.0, 5.0]), q01, q99)
+    assert unit.tolist() == [0.5, 0.0, 1.0]  # constant dim -> 0, out of range -> clipped
+    assert _from_unit(torch.tensor([0.5, 0.7, 1.0]), q01, q99).tolist() == [0.5, 0.0, 4.0]
+
+
+def test_prompt_template_matches_oft_shape():
+    tok = WordTokenizer()
+    ids = tok.prompt_ids("pick up the alphabet soup and place it in the basket")
+    assert tok.head_len == 9 and tok.tail_len == 3
+    assert tok.unk not in ids and len(ids) == 9 + 11 + 3
+
+
+def test_default_size_has_enough_visual_tokens():
+    cfg = MiniOFTConfig()
+    assert cfg.grid ** 2 >= 64
+
+
+def test_missing_view_is_a_clear_error(tiny_model, obs):
+    del obs.images["wrist"]
+    with pytest.raises(ValueError, match="lacks view"):
+        tiny_model.encode(obs)
+
+
+def test_bad_config_is_rejected():
+    with pytest.raises(ValueError, match="patch_size"):
+        MiniOFTConfig(image_size=30, patch_size=8)

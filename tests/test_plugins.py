@@ -1,0 +1,139 @@
+import textwrap
+
+import optuna
+import pytest
+
+import prunebench
+from prunebench.errors import PluginError
+from prunebench.plugins import MANAGER, PluginManager
+
+BASELINES = {"none", "random", "downsample", "fastv"}
+
+
+def test_builtins_register_through_the_hook():
+    assert BASELINES <= set(MANAGER.strategies())
+    rows = {r["name"]: r for r in MANAGER.plugins()}
+    assert rows["strategies.random"]["hooks"] == ["prunebench_register_strategies"]
+    assert rows["strategies.fastv"]["strategies"] == ["fastv"]
+
+
+def write_fake_distribution(root, module: str, body: str, dist="prunebench-fake"):
+    (root / f"{module}.py").write_text(textwrap.dedent(body))
+    info = root / f"{dist.replace('-', '_')}-1.2.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.2.3\n")
+    (info / "entry_points.txt").write_text(f"[prunebench]\nfake = {module}\n")
+
+
+FAKE = """
+    import prunebench, torch
+
+    class Keep3(prunebench.Strategy):
+        name = "keep-three"
+        def schedule(self, ctx):
+            return prunebench.PrunePlan((prunebench.Stage(prunebench.BEFORE_LLM, prunebench.Budget(keep_count=3)),))
+        def score(self, stage, signals, ctx):
+            return torch.arange(ctx.layout.n_visual, dtype=torch.float)
+
+    @prunebench.hookimpl
+    def prunebench_register_strategies(register):
+        register(Keep3)
+"""
+
+
+@pytest.fixture
+def fake_dist(tmp_path, monkeypatch):
+    write_fake_distribution(tmp_path, "fake_prune_plugin", FAKE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def test_third_party_plugin_is_discovered_through_entry_point(fake_dist, monkeypatch, engine, obs):
+    monkeypatch.delenv("PRUNEBENCH_LOAD_PLUGINS")
+    pm = PluginManager()
+    assert "keep-three" in pm.strategies()
+    row = next(r for r in pm.plugins() if r["name"] == "fake")
+    assert row["version"] == "1.2.3" and row["distribution"] == "prunebench-fake" and not row["builtin"]
+    out = engine.query(pm.create("keep-three"), obs)
+    assert out.kept["before_llm"].tolist() == [61, 62, 63] or out.record.stages[0].visual_after == 3
+
+
+def test_allow_and_block_lists(fake_dist, monkeypatch):
+    monkeypatch.setenv("PRUNEBENCH_LOAD_PLUGINS", "")
+    assert "keep-three" not in PluginManager().strategies()
+    monkeypatch.setenv("PRUNEBENCH_LOAD_PLUGINS", "prunebench-fake")
+    assert "keep-three" in PluginManager().strategies()
+    monkeypatch.delenv("PRUNEBENCH_LOAD_PLUGINS")
+    monkeypatch.setenv("PRUNEBENCH_DISABLED_PLUGINS", "fake")
+    assert "keep-three" not in PluginManager().strategies()
+
+
+def test_broken_plugin_import_names_the_plugin(tmp_path, monkeypatch):
+    write_fake_distribution(tmp_path, "broken_plugin", "raise ImportError('no such thing')")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("PRUNEBENCH_LOAD_PLUGINS")
+    with pytest.raises(PluginError, match="plugin 'fake' from prunebench-fake failed to import"):
+        PluginManager().strategies()
+
+
+class Impostor(prunebench.Strategy):
+    name = "random"
+
+
+class Plugin:
+    def __init__(self, cls):
+        self.cls = cls
+
+    @prunebench.hookimpl
+    def prunebench_register_strategies(self, register):
+        register(self.cls)
+
+
+def test_duplicate_strategy_names_name_both_plugins():
+    pm = PluginManager()
+    pm.load()
+    pm.register(Plugin(Impostor), name="impostor")
+    with pytest.raises(PluginError, match="'random' is registered twice: by plugin '.*' and by plugin '.*'"):
+        pm.strategies()
+
+
+def test_misspelled_hook_is_an_error():
+    class Misspelled:
+        @prunebench.hookimpl
+        def prunebench_register_strategy(self, register):  # missing the final "s"
+            pass
+
+    pm = PluginManager()
+    pm.load()
+    with pytest.raises(PluginError, match="plugin 'typo'.*misspelled hook"):
+        pm.register(Misspelled(), name="typo")
+    assert pm.pm.get_plugin("typo") is None
+
+
+def test_registering_a_non_strategy_is_an_error():
+    pm = PluginManager()
+    pm.load()
+    pm.register(Plugin(dict), name="not-a-strategy")
+    with pytest.raises(PluginError, match="plugin 'not-a-strategy' registered .* not a prunebench.Strategy"):
+        pm.strategies()
+
+
+def test_unknown_strategy_and_bad_config_fields():
+    with pytest.raises(PluginError, match="unknown strategy 'radnom'; installed: .*random"):
+        MANAGER.get("radnom")
+    with pytest.raises(PluginError, match="strategy 'random': config field 'keep_ration'"):
+        MANAGER.create("random", {"keep_ration": 0.5})
+    with pytest.raises(PluginError, match="strategy 'fastv': config field 'keep_ratio'"):
+        MANAGER.create("fastv", {"keep_ratio": 1.5})
+    with pytest.raises(PluginError, match="field 'rows'"):
+        MANAGER.create("fastv", {"rows": "diagonal"})
+
+
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_search_space_maps_a_trial_to_a_valid_config(name):
+    cls = MANAGER.get(name)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    trial = study.ask()
+    config = cls.Config.search_space(trial)
+    assert isinstance(config, cls.Config)
+    assert set(trial.params) <= set(cls.Config.model_fields)
