@@ -59,9 +59,14 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--strategies", nargs="*", help="default: every built-in strategy")
     parser.add_argument("--model", help="MiniOFT safetensors (default: built-in)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="extra config field for every strategy that has it, e.g. rows=prefill")
     parser.add_argument("--out", default="benchmarks/results/engine.json")
     args = parser.parse_args(argv)
 
+    from prunebench.cli import _parse_sets
+
+    extra = _parse_sets(args.set)
     model, model_info = load_model(args.model)
     engine = PruningEngine(model)
     builtin = [n for n, r in MANAGER.strategies().items()
@@ -73,6 +78,8 @@ def main(argv=None) -> int:
             for point in POINTS:
                 config = configure(name, keep, point)
                 if config is not None:
+                    fields = MANAGER.get(name).Config.model_fields
+                    config.update({k: v for k, v in extra.items() if k in fields})
                     where = "before_llm" if point < 0 else f"after_layer_{point}"
                     variants[(name, keep, where)] = MANAGER.create(name, config)
     items = list(SyntheticStream(n_queries=args.warmup + args.rounds, image_size=model.cfg.image_size))

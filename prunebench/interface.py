@@ -38,9 +38,10 @@ SIGNAL_KINDS = ("attention", "qk_logits", "embeddings", "pixels")
 def scale_layer(paper_layer: int, n_layers: int, reference_depth: int = REFERENCE_DEPTH) -> int:
     """Map a layer index given for the 32-layer OFT decoder onto a model with ``n_layers``.
 
-    Proportional, rounded, and kept inside 0 .. n_layers-1 (documented in docs/strategies.md).
+    Proportional, rounded half up, kept inside 0 .. n_layers-1 (e.g. 2 -> 1, 3 -> 1, 15 -> 4 on
+    8 layers). Every strategy exposes its layers as config fields, so this default is overridable.
     """
-    return min(n_layers - 1, max(0, round(paper_layer * n_layers / reference_depth)))
+    return min(n_layers - 1, max(0, int(paper_layer * n_layers / reference_depth + 0.5)))
 
 
 # --------------------------------------------------------------------------- inputs

@@ -2,8 +2,10 @@
 
 FastV (Chen et al. 2024, arXiv 2403.06764): prune after layer K by attention received. The
 original uses K=2 and the last token's row; VLA-Pruner's OFT fork uses K=3 with the mean over the
-prefill rows (its default) or the STOP row, per view. Our default is the OFT fork's: K=3 of 32
-layers (scaled to the model's depth), prefill rows, per-view budget.
+prefill rows (its default) or the STOP row, per view. Our default is the original: K=2 of 32
+layers (scaled to the model's depth), the last row (STOP), per-view budget. The OFT-fork variant
+is ``layer=<3 scaled>, rows=prefill``; it scores ~300 query rows instead of one and costs more
+overhead (see benchmarks/README.md).
 """
 
 from typing import Literal
@@ -16,8 +18,8 @@ from prunebench import Budget, PrunePlan, Stage, Strategy, StrategyConfig, atten
 
 class FastVConfig(StrategyConfig):
     keep_ratio: float = Field(0.5, gt=0, le=1, description="fraction of visual tokens kept")
-    layer: int | None = Field(None, ge=0, description="prune after this layer; None = 3 of 32, scaled")
-    rows: Literal["last", "prefill", "text"] = Field("prefill", description="attention rows scored")
+    layer: int | None = Field(None, ge=0, description="prune after this layer; None = 2 of 32, scaled")
+    rows: Literal["last", "prefill", "text"] = Field("last", description="attention rows scored")
     per_view: bool = Field(True, description="per-view budget (OFT fork) or one global top-k")
 
     @classmethod
@@ -32,7 +34,7 @@ class FastV(Strategy):
     Config = FastVConfig
 
     def _layer(self, n_layers: int) -> int:
-        return self.config.layer if self.config.layer is not None else scale_layer(3, n_layers)
+        return self.config.layer if self.config.layer is not None else scale_layer(2, n_layers)
 
     def schedule(self, ctx):
         layer = self._layer(ctx.n_layers)

@@ -137,3 +137,18 @@ def test_search_space_maps_a_trial_to_a_valid_config(name):
     config = cls.Config.search_space(trial)
     assert isinstance(config, cls.Config)
     assert set(trial.params) <= set(cls.Config.model_fields)
+
+
+def test_documented_example_plugin_runs(engine, obs, monkeypatch):
+    """docs/plugins/example-plugin is a working third-party strategy."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "docs/plugins/example-plugin"))
+    import prunebench_keep_centre
+
+    pm = PluginManager()
+    pm.load()
+    pm.register(prunebench_keep_centre, name="keep_centre")
+    out = engine.query(pm.create("keep-centre", {"keep_ratio": 0.25}), obs)
+    kept = out.kept["before_llm"].tolist()
+    assert kept == [5, 6, 9, 10, 21, 22, 25, 26]  # the central 2x2 of each 4x4 view
