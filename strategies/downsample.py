@@ -4,24 +4,20 @@ VTC-Bench found plain downsampling beats many methods; like ``random`` it needs 
 """
 
 import torch
-from pydantic import Field
 
 import prunebench
-from prunebench import BEFORE_LLM, Budget, PrunePlan, Stage, Strategy, StrategyConfig
+from prunebench import Budget, PrunePlan, Stage, Strategy
+from strategies.common import KeepAtPointConfig
 from prunebench.selection import uniform_grid
 
 
-class DownsampleConfig(StrategyConfig):
-    keep_ratio: float = Field(0.5, gt=0, le=1, description="fraction of visual tokens kept")
-    after_layer: int = Field(BEFORE_LLM, ge=BEFORE_LLM, description="-1 = before the LLM")
-
-    @classmethod
-    def search_space(cls, trial):
-        return cls(keep_ratio=trial.suggest_float("keep_ratio", 0.1, 1.0),
-                   after_layer=trial.suggest_int("after_layer", BEFORE_LLM, 3))
+class DownsampleConfig(KeepAtPointConfig):
+    """Keep ratio and removal point."""
 
 
 class Downsample(Strategy):
+    """A uniform sub-grid of each view's patches (spatial downsampling)."""
+
     name = "downsample"
     Config = DownsampleConfig
 

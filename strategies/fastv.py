@@ -30,6 +30,8 @@ class FastVConfig(StrategyConfig):
 
 
 class FastV(Strategy):
+    """Top-k visual tokens by attention received at layer K, removed after K."""
+
     name = "fastv"
     Config = FastVConfig
 

@@ -9,6 +9,8 @@ class DenseConfig(StrategyConfig):
 
 
 class Dense(Strategy):
+    """The dense baseline: no token is removed."""
+
     name = "none"
     Config = DenseConfig
 

@@ -7,21 +7,17 @@ import torch
 from pydantic import Field
 
 import prunebench
-from prunebench import BEFORE_LLM, Budget, PrunePlan, Stage, Strategy, StrategyConfig
+from prunebench import Budget, PrunePlan, Stage, Strategy
+from strategies.common import KeepAtPointConfig
 
 
-class RandomConfig(StrategyConfig):
-    keep_ratio: float = Field(0.5, gt=0, le=1, description="fraction of visual tokens kept")
-    after_layer: int = Field(BEFORE_LLM, ge=BEFORE_LLM, description="-1 = before the LLM")
+class RandomConfig(KeepAtPointConfig):
     per_view: bool = Field(True, description="split the budget across views by size")
-
-    @classmethod
-    def search_space(cls, trial):
-        return cls(keep_ratio=trial.suggest_float("keep_ratio", 0.1, 1.0),
-                   after_layer=trial.suggest_int("after_layer", BEFORE_LLM, 3))
 
 
 class RandomPruning(Strategy):
+    """Uniformly random visual tokens, per view, seeded per (run, episode, query)."""
+
     name = "random"
     Config = RandomConfig
 
