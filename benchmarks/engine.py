@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from prunebench.compare import format_table
+from prunebench.config import parse_overrides
 from prunebench.engine import PruningEngine
 from prunebench.models import load_model
 from prunebench.plugins import MANAGER
@@ -38,10 +39,13 @@ KEEP_RATIOS = (1.0, 0.75, 0.5, 0.25)
 POINTS = (-1, 2)  # before the LLM, after layer 2
 
 
-def configure(name: str, keep: float, point: int) -> dict | None:
-    """Config putting a strategy's removal at ``point``; None if it cannot prune there."""
+def configure(name: str, keep: float, point: int, extra: dict) -> dict | None:
+    """Config putting a strategy's removal at ``point`` (plus the ``extra`` fields it has);
+    None if it cannot prune there."""
     fields = MANAGER.get(name).Config.model_fields
-    config = {"keep_ratio": keep} if "keep_ratio" in fields else {}
+    config = {k: v for k, v in extra.items() if k in fields}
+    if "keep_ratio" in fields:
+        config["keep_ratio"] = keep
     if "after_layer" in fields:
         config["after_layer"] = point
     elif "layer" in fields:
@@ -64,9 +68,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="benchmarks/results/engine.json")
     args = parser.parse_args(argv)
 
-    from prunebench.cli import _parse_sets
-
-    extra = _parse_sets(args.set)
+    extra = parse_overrides(args.set)
     model, model_info = load_model(args.model)
     engine = PruningEngine(model)
     builtin = [n for n, r in MANAGER.strategies().items()
@@ -76,10 +78,8 @@ def main(argv=None) -> int:
     for name in names:
         for keep in KEEP_RATIOS:
             for point in POINTS:
-                config = configure(name, keep, point)
+                config = configure(name, keep, point, extra)
                 if config is not None:
-                    fields = MANAGER.get(name).Config.model_fields
-                    config.update({k: v for k, v in extra.items() if k in fields})
                     where = "before_llm" if point < 0 else f"after_layer_{point}"
                     variants[(name, keep, where)] = MANAGER.create(name, config)
     items = list(SyntheticStream(n_queries=args.warmup + args.rounds, image_size=model.cfg.image_size))

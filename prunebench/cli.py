@@ -17,19 +17,6 @@ EPILOG = """examples:
 """
 
 
-def _parse_sets(pairs: list[str]) -> dict:
-    out = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise PrunebenchError(f"--set expects KEY=VALUE, got {pair!r}")
-        key, value = pair.split("=", 1)
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 def cmd_plugins(args) -> int:
     from prunebench.plugins import MANAGER
 
@@ -69,7 +56,7 @@ def _engine(model_path, seed):
 
 
 def cmd_run(args) -> int:
-    from prunebench.config import RunConfig, load_run_config
+    from prunebench.config import RunConfig, load_run_config, parse_overrides
     from prunebench.plugins import MANAGER
     from prunebench.results import QuerySummary, RunResults, StrategyInfo, write_json
     from prunebench.runner import run_stream
@@ -82,7 +69,7 @@ def cmd_run(args) -> int:
         run = RunConfig(strategy=args.strategy, seed=args.seed, model=args.model)
     else:
         raise PrunebenchError("give --strategy NAME or --config FILE")
-    overrides = _parse_sets(args.set)
+    overrides = parse_overrides(args.set)
     strategy = MANAGER.create(run.strategy, {**run.config, **overrides})
     engine, model_info = _engine(run.model, run.seed)
     stream = SyntheticStream(n_queries=args.queries, seed=run.seed,

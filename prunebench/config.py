@@ -32,6 +32,21 @@ def one_line(err: ValidationError, prefix: str = "") -> str:
     return f"{prefix}field {field!r}: {message}{more}"
 
 
+def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
+    """``["keep_ratio=0.25", "rows=text"]`` -> ``{"keep_ratio": 0.25, "rows": "text"}`` (JSON values
+    where they parse, strings otherwise)."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise PrunebenchError(f"--set expects KEY=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def load_run_config(path: str | Path) -> RunConfig:
     path = Path(path)
     if not path.is_file():
