@@ -13,8 +13,28 @@ EPILOG = """examples:
   prunebench compare                       compare the built-in strategies on the built-in model
   prunebench plugins                       list plugins and the strategies they register
   prunebench validate run.yaml             check a run config without running it
-  prunebench run --strategy random --set keep_ratio=0.25 --queries 32 -o results.json
+  prunebench run --suite libero_object --strategy random --episodes 2
+                                           closed-loop LIBERO episodes (needs the libero extra)
+  prunebench run --strategy random --set keep_ratio=0.25 --queries 32
+                                           a synthetic observation stream (no simulator)
+  prunebench replay results/streams --strategy fastv --set keep_ratio=0.25
+                                           action error vs dense on recorded LIBERO streams
+  prunebench suites                        LIBERO suites, their tasks and stock max steps
 """
+
+
+def _output_path(given: str | None, default_stem: str, overwrite: bool) -> Path:
+    """Where to write results: never silently replaces an earlier results file."""
+    import datetime as dt
+
+    if given:
+        path = Path(given)
+    else:
+        stamp = dt.datetime.now().strftime("%Y%m%dT%H%M%S")
+        path = Path("results") / f"{default_stem}_{stamp}.json"
+    if path.exists() and not overwrite:
+        raise PrunebenchError(f"{path} exists; choose another --output or pass --overwrite")
+    return path
 
 
 def cmd_plugins(args) -> int:
@@ -56,6 +76,100 @@ def _engine(model_path, seed):
 
 
 def cmd_run(args) -> int:
+    if args.suite or (args.config and _is_eval_config(args.config)):
+        return cmd_run_libero(args)
+    return cmd_run_stream(args)
+
+
+def _is_eval_config(path: str) -> bool:
+    from prunebench.config import read_config_file
+
+    return "suite" in read_config_file(path)
+
+
+def cmd_run_libero(args) -> int:
+    from tqdm import tqdm
+
+    from prunebench.closed_loop import evaluate, load_eval_config, plan_jobs, print_summary
+    from prunebench.config import parse_overrides
+
+    cfg = load_eval_config(
+        args.config, strategy=args.strategy, seed=args.seed, model=args.model, suite=args.suite,
+        tasks=args.tasks, episodes=args.episodes, first_init_state=args.first_init_state,
+        camera_size=args.camera_size, render=args.render, render_quality=args.render_quality,
+        hard_reset=False if args.fast_reset else None, max_steps=args.max_steps, workers=args.workers,
+        dense_reference=False if args.no_dense_reference else None,
+        video_dir=args.video_dir or ("results/videos" if args.video else None),
+        record_dir=args.record_streams, record_history=args.record_history)
+    if args.set:
+        cfg = cfg.model_copy(update={"config": {**cfg.config, **parse_overrides(args.set)}})
+    output = _output_path(args.output, f"{cfg.suite}_{cfg.strategy}", args.overwrite)
+    _, _, task_list = plan_jobs(cfg)
+    bars = {t.task_id: tqdm(total=cfg.episodes, desc=f"task {t.task_id:>2} {t.instruction[:40]}",
+                            position=i, leave=True, file=sys.stderr, disable=None, dynamic_ncols=True)
+            for i, t in enumerate(task_list)}
+    wins: dict[int, int] = {}
+
+    def progress(ep) -> None:
+        wins[ep.task_id] = wins.get(ep.task_id, 0) + ep.success
+        bar = bars[ep.task_id]
+        bar.update(1)
+        bar.set_postfix(success=f"{wins[ep.task_id]}/{bar.n}")
+        if bar.disable:  # no terminal: one line per episode instead
+            print(f"task {ep.task_id} init {ep.init_state_id}: "
+                  f"{'success' if ep.success else ep.failure_reason} after {ep.steps} steps "
+                  f"({ep.wall_s:.1f} s)", file=sys.stderr, flush=True)
+
+    command = " ".join(["prunebench"] + sys.argv[1:])
+    try:
+        results = evaluate(cfg, output, command, on_episode=progress)
+    except KeyboardInterrupt:
+        for bar in bars.values():
+            bar.close()
+        print(f"\ninterrupted: the episodes finished so far are in {output}", file=sys.stderr)
+        return 130
+    for bar in bars.values():
+        bar.close()
+    print_summary(results)
+    print(f"wrote {output}")
+    return 0
+
+
+def cmd_suites(args) -> int:
+    from prunebench.envs.libero import stock_max_steps, suite_names, tasks
+
+    names = [args.suite] if args.suite else suite_names()
+    for name in names:
+        limit = stock_max_steps(name)
+        listed = tasks(name)
+        print(f"{name}  ({len(listed)} tasks, max steps {limit if limit else 'none: give --max-steps'})")
+        if args.suite:
+            for t in listed:
+                print(f"  {t.task_id:>2}  {t.instruction}  ({t.n_init_states} init states)")
+    return 0
+
+
+def cmd_replay(args) -> int:
+    from prunebench.config import parse_overrides
+    from prunebench.plugins import MANAGER
+    from prunebench.replay import RecordedStream, replay, stream_files
+    from prunebench.results import write_json
+
+    strategy = MANAGER.create(args.strategy, parse_overrides(args.set))
+    streams = [RecordedStream(p) for p in stream_files(args.streams)]
+    engine, _ = _engine(args.model, args.seed)
+    report = replay(engine, strategy, streams, seed=args.seed, name=args.strategy)
+    a = report.action_l1
+    print(f"{args.strategy}: {report.n_queries} queries from {report.n_streams} streams; action L1 vs "
+          f"dense mean {a.mean:.4f}, median {a.median:.4f}, p90 {a.p90:.4f}; speedup vs dense "
+          f"{report.speedup_vs_dense['total']:.2f} (LLM {report.speedup_vs_dense['llm']:.2f})")
+    if args.output:
+        write_json(_output_path(args.output, "replay", args.overwrite), report)
+        print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_run_stream(args) -> int:
     from prunebench.config import RunConfig, load_run_config, parse_overrides
     from prunebench.plugins import MANAGER
     from prunebench.results import QuerySummary, RunResults, StrategyInfo, write_json
@@ -66,7 +180,7 @@ def cmd_run(args) -> int:
     if args.config:
         run = load_run_config(args.config)
     elif args.strategy:
-        run = RunConfig(strategy=args.strategy, seed=args.seed, model=args.model)
+        run = RunConfig(strategy=args.strategy, seed=args.seed or 0, model=args.model)
     else:
         raise PrunebenchError("give --strategy NAME or --config FILE")
     overrides = parse_overrides(args.set)
@@ -83,7 +197,7 @@ def cmd_run(args) -> int:
                               plugin=MANAGER.strategies()[run.strategy].plugin),
         model=model_info, source=stream.describe(), attention_backend=engine.attention_backend,
         environment=environment(), summary=QuerySummary.of(records), queries=records)
-    path = write_json(args.output, out)
+    path = write_json(_output_path(args.output, f"stream_{run.strategy}", args.overwrite), out)
     s = out.summary
     print(f"{run.strategy}: {s.n_queries} queries, median {s.latency_ms['total'].median:.2f} ms "
           f"(LLM {s.latency_ms['llm'].median:.2f} ms), mean visual tokens {s.mean_visual_tokens:.1f}, "
@@ -154,16 +268,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="file with 'strategy:' and 'config:' (the strategy's fields)")
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("run", help="run one strategy over an observation stream, write results JSON")
+    p = sub.add_parser(
+        "run", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="run one strategy: closed-loop LIBERO episodes (--suite) or a synthetic stream",
+        description="With --suite: closed-loop LIBERO episodes under OpenVLA-OFT's protocol (official "
+                    "init states, 10 wait steps, stock max steps, 8-action chunks open-loop), written "
+                    "to a results JSON after every episode. Without: a synthetic observation stream.")
     p.add_argument("--strategy", help="registered strategy name (see 'prunebench plugins')")
-    p.add_argument("--config", help="run config file instead of --strategy")
+    p.add_argument("--config", help="run config file (YAML/JSON) instead of, or under, the flags")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a strategy config field (repeatable), e.g. --set keep_ratio=0.25")
-    p.add_argument("--queries", type=int, default=16, help="queries in the synthetic stream")
+    p.add_argument("--seed", type=int, default=None, help="run seed (default 0)")
+    p.add_argument("--model", help="MiniOFT safetensors file (default: the built-in model)")
+    p.add_argument("-o", "--output", help="results JSON path (default: results/<name>_<time>.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    g = p.add_argument_group("LIBERO closed loop")
+    g.add_argument("--suite", help="LIBERO suite, e.g. libero_object (see 'prunebench suites')")
+    g.add_argument("--tasks", type=int, nargs="+", help="task ids (default: every task)")
+    g.add_argument("--episodes", type=int, help="episodes per task (default 1)")
+    g.add_argument("--first-init-state", type=int, help="episode k uses official init state FIRST+k")
+    g.add_argument("--camera-size", type=int, help="camera resolution in pixels (default 128)")
+    g.add_argument("--render", choices=["query", "every_step"],
+                   help="render cameras only when needed (default) or every step like the stock eval")
+    g.add_argument("--render-quality", choices=["stock", "fast"],
+                   help="fast: no MSAA/reflections/shadows (2.5x faster, pixels differ)")
+    g.add_argument("--fast-reset", action="store_true",
+                   help="hard_reset=False: 10x faster resets, trajectories not bit-identical")
+    g.add_argument("--max-steps", type=int, help="override the suite's stock max steps (non-stock)")
+    g.add_argument("--workers", type=int, help="episodes in parallel processes (default 1)")
+    g.add_argument("--no-dense-reference", action="store_true",
+                   help="skip the dense forward per query (no speedup or action error vs dense)")
+    g.add_argument("--video", action="store_true", help="write an mp4 per episode to results/videos")
+    g.add_argument("--video-dir", help="write episode videos here instead")
+    g.add_argument("--record-streams", metavar="DIR", help="record each episode's observation stream")
+    g.add_argument("--record-history", type=int,
+                   help="frames to record before each query, for replaying history-based strategies")
+    g = p.add_argument_group("synthetic stream")
+    g.add_argument("--queries", type=int, default=16, help="queries in the synthetic stream")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("replay", help="action error vs dense of a strategy on recorded LIBERO streams")
+    p.add_argument("streams", nargs="+", help="stream files (.npz) or directories of them")
+    p.add_argument("--strategy", required=True, help="registered strategy name")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="strategy config field")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", help="MiniOFT safetensors file (default: the built-in model)")
-    p.add_argument("-o", "--output", default="results/results.json", help="results JSON path")
-    p.set_defaults(func=cmd_run)
+    p.add_argument("-o", "--output", help="write the report as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("suites", help="list LIBERO suites (with a name: its tasks)")
+    p.add_argument("suite", nargs="?", help="a suite to list the tasks of")
+    p.set_defaults(func=cmd_suites)
 
     p = sub.add_parser("compare", help="compare strategies against dense on the built-in model")
     p.add_argument("--strategies", nargs="*", help="names (default: every registered strategy)")

@@ -47,7 +47,8 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def load_run_config(path: str | Path) -> RunConfig:
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML or JSON file, with a one-line error naming the file."""
     path = Path(path)
     if not path.is_file():
         raise PrunebenchError(f"config file not found: {path}")
@@ -57,7 +58,13 @@ def load_run_config(path: str | Path) -> RunConfig:
     except (yaml.YAMLError, json.JSONDecodeError) as err:
         raise PrunebenchError(f"{path}: not valid {path.suffix[1:].upper()}: "
                               f"{str(err).splitlines()[0]}") from None
+    if not isinstance(data or {}, dict):
+        raise PrunebenchError(f"{path}: expected a mapping of fields, got {type(data).__name__}")
+    return data or {}
+
+
+def load_run_config(path: str | Path) -> RunConfig:
     try:
-        return RunConfig.model_validate(data or {})
+        return RunConfig.model_validate(read_config_file(path))
     except ValidationError as err:
         raise PrunebenchError(one_line(err, f"{path}: ")) from None

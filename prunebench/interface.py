@@ -85,7 +85,9 @@ class QueryContext:
     query_index: int = 0  # model calls so far in this episode
     step_index: int = 0  # env step at which the query happens
     seed: int = 0  # derived from (run seed, episode, query): use it for any randomness
-    frames: list[dict[str, np.ndarray]] = field(default_factory=list)  # past camera frames
+    # camera frames of the env steps just before this query: frames[-i] is i steps back. Shorter than
+    # ``history_frames`` at the start of an episode and after an early re-query (unrendered steps).
+    frames: list[dict[str, np.ndarray]] = field(default_factory=list)
     eef_history: list[np.ndarray] = field(default_factory=list)  # EEF position per past env step
     actions_since_last_query: list[np.ndarray] = field(default_factory=list)
 
@@ -245,7 +247,8 @@ class Strategy:
     position_ids: ClassVar[Literal["original", "recompact"]] = "original"
     """After a removal, keep each token's original RoPE position, or renumber 0..L'-1."""
     history_frames: ClassVar[int] = 0
-    """How many past env-step camera frames ``QueryContext.frames`` must hold."""
+    """How many camera frames of the env steps before each query ``QueryContext.frames`` must hold;
+    the closed loop renders exactly those steps (besides the query steps)."""
 
     def __init__(self, config: StrategyConfig | dict[str, Any] | None = None) -> None:
         if config is None:

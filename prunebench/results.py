@@ -1,8 +1,12 @@
 """Results schema (pydantic) and safe writing.
 
-Every results file records the config, seed, versions (torch, transformers, mujoco, robosuite,
-LIBERO, prunebench, git hash) and the attention backend. Files are written atomically (temporary
-file + rename), so an interrupted run never leaves a half-written or clobbered file.
+Two result kinds share the pieces here: :class:`RunResults` (a strategy over an observation
+stream) and :class:`EvalResults` (closed-loop LIBERO episodes, shaped after LeRobot's
+``eval_info.json`` -- per_task / per_suite / overall -- and lm-evaluation-harness's results:
+config, versions, git hash, seeds). Every file records the config, seed, versions (torch,
+transformers, mujoco, robosuite, LIBERO, prunebench, git hash) and the attention backend. Files
+are written atomically (temporary file + rename), so an interrupted run never leaves a
+half-written or clobbered file.
 """
 
 from __future__ import annotations
@@ -20,6 +24,17 @@ from pydantic import BaseModel, Field
 from prunebench.accounting import STAGES, QueryRecord
 
 SCHEMA_VERSION = 1
+Z_95 = 1.959963984540054  # two-sided 95 % normal quantile (scipy.stats.norm.ppf(0.975))
+
+
+def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson score interval of a success rate; (0, 1) when there are no trials."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
 class Stats(BaseModel):
@@ -98,3 +113,107 @@ def write_json(path: str | Path, model: BaseModel) -> Path:
 
 def read_results(path: str | Path) -> RunResults:
     return RunResults.model_validate(json.loads(Path(path).read_text()))
+
+
+# --------------------------------------------------------------------------- closed-loop episodes
+class ClosedLoopQuery(QueryRecord):
+    """A query in an episode, plus the dense forward run on the same observation in the same process
+    (its time and its actions), which gives the speedup and the action deviation vs dense."""
+
+    dense_ms: dict[str, float] | None = None
+    action_l1_vs_dense: float | None = None  # mean |a - a_dense| over the chunk, unnormalised
+
+
+class EpisodeResult(BaseModel):
+    suite: str
+    task_id: int
+    task: str
+    instruction: str
+    init_state_id: int
+    episode_index: int
+    seed: int
+    success: bool
+    steps: int  # policy steps executed (wait steps excluded)
+    n_queries: int
+    early_requeries: int = 0
+    failure_reason: str | None = None  # None on success; "timeout", "simulation: ...", "error: ..."
+    wall_s: float
+    video: str | None = None
+    stream: str | None = None
+    queries: list[ClosedLoopQuery] = Field(default_factory=list)
+
+
+class GroupResult(BaseModel):
+    """Aggregates over episodes (a task, a suite or the whole run)."""
+
+    n_episodes: int
+    n_success: int
+    success_rate: float
+    success_ci95: tuple[float, float]  # Wilson score interval
+    mean_steps: float
+    failures: dict[str, int]  # failure kind -> count
+    queries: QuerySummary | None
+    speedup_vs_dense: dict[str, float] | None  # median dense ms / median ms, per stage (same run)
+    action_l1_vs_dense: float | None
+
+    @classmethod
+    def of(cls, episodes: list[EpisodeResult]) -> "GroupResult":
+        n, wins = len(episodes), sum(e.success for e in episodes)
+        failures: dict[str, int] = {}
+        for e in episodes:
+            if e.failure_reason:
+                kind = e.failure_reason.split(":")[0]
+                failures[kind] = failures.get(kind, 0) + 1
+        records = [q for e in episodes for q in e.queries]
+        paired = [q for q in records if q.dense_ms]
+        speedup = None
+        if paired:
+            speedup = {s: float(np.median([q.dense_ms[s] for q in paired]) /
+                               max(1e-9, np.median([q.ms[s] for q in paired]))) for s in ("total", "llm")}
+        l1 = [q.action_l1_vs_dense for q in records if q.action_l1_vs_dense is not None]
+        return cls(n_episodes=n, n_success=wins, success_rate=wins / n if n else 0.0,
+                   success_ci95=wilson_interval(wins, n),
+                   mean_steps=float(np.mean([e.steps for e in episodes])) if n else 0.0,
+                   failures=failures, queries=QuerySummary.of(records) if records else None,
+                   speedup_vs_dense=speedup, action_l1_vs_dense=float(np.mean(l1)) if l1 else None)
+
+
+class EvalResults(BaseModel):
+    """A closed-loop LIBERO evaluation of one strategy."""
+
+    schema_version: int = SCHEMA_VERSION
+    kind: str = "libero_eval"
+    created: str = Field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat())
+    command: str = ""
+    complete: bool = False  # False while running, or when interrupted
+    interrupted: bool = False
+    seed: int
+    config: dict[str, Any]
+    strategy: StrategyInfo
+    model: dict[str, Any]
+    protocol: dict[str, Any]
+    init_state_ids: dict[str, list[int]]  # "suite/task_id" -> official init-state indices
+    attention_backend: str
+    environment: dict[str, Any]
+    eval_s: float = 0.0
+    episodes_per_hour: float = 0.0
+    overall: GroupResult | None = None
+    per_suite: dict[str, GroupResult] = Field(default_factory=dict)
+    per_task: dict[str, GroupResult] = Field(default_factory=dict)
+    episodes: list[EpisodeResult] = Field(default_factory=list)
+
+    def aggregate(self) -> "EvalResults":
+        """Recompute per_task / per_suite / overall from the episodes."""
+        by_task: dict[str, list[EpisodeResult]] = {}
+        by_suite: dict[str, list[EpisodeResult]] = {}
+        for e in sorted(self.episodes, key=lambda e: (e.suite, e.task_id, e.init_state_id)):
+            by_task.setdefault(f"{e.suite}/{e.task_id}", []).append(e)
+            by_suite.setdefault(e.suite, []).append(e)
+        self.per_task = {k: GroupResult.of(v) for k, v in by_task.items()}
+        self.per_suite = {k: GroupResult.of(v) for k, v in by_suite.items()}
+        self.overall = GroupResult.of(self.episodes) if self.episodes else None
+        return self
+
+
+def read_eval_results(path: str | Path) -> EvalResults:
+    return EvalResults.model_validate(json.loads(Path(path).read_text()))

