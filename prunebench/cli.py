@@ -100,7 +100,8 @@ def cmd_run_libero(args) -> int:
         hard_reset=False if args.fast_reset else None, max_steps=args.max_steps, workers=args.workers,
         dense_reference=False if args.no_dense_reference else None,
         video_dir=args.video_dir or ("results/videos" if args.video else None),
-        record_dir=args.record_streams, record_history=args.record_history)
+        record_dir=args.record_streams, record_history=args.record_history,
+        skip_first_actions=args.skip_first_actions)
     if args.set:
         cfg = cfg.model_copy(update={"config": {**cfg.config, **parse_overrides(args.set)}})
     output = _output_path(args.output, f"{cfg.suite}_{cfg.strategy}", args.overwrite)
@@ -294,7 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fast: no MSAA/reflections/shadows (2.5x faster, pixels differ)")
     g.add_argument("--fast-reset", action="store_true",
                    help="hard_reset=False: 10x faster resets, trajectories not bit-identical")
-    g.add_argument("--max-steps", type=int, help="override the suite's stock max steps (non-stock)")
+    g.add_argument("--max-steps", type=int, help="override the suite's stock max steps (non-stock; "
+                                                  "SpecPrune-VLA's release used 330/450/600)")
+    g.add_argument("--skip-first-actions", type=int,
+                   help="pop the first N actions without executing them (SpecPrune-VLA's release: 9)")
     g.add_argument("--workers", type=int, help="episodes in parallel processes (default 1)")
     g.add_argument("--no-dense-reference", action="store_true",
                    help="skip the dense forward per query (no speedup or action error vs dense)")

@@ -61,6 +61,9 @@ class EvalConfig(RunConfig):
     video_dir: str | None = None
     record_dir: str | None = None  # write each episode's observation stream here
     record_history: int = Field(0, ge=0, le=8)  # frames to record before each query (for replays)
+    # SpecPrune-VLA's released eval pops its first 9 actions without executing them (the step
+    # counter still advances); 0 = execute every action (stock)
+    skip_first_actions: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _no_duplicate_tasks(self) -> "EvalConfig":
@@ -202,7 +205,8 @@ class _Episode:
                 rendered.append((now, images))
                 events = []
             action = queue.popleft()
-            state = env.step(action)
+            if self.steps >= cfg.skip_first_actions:
+                state = env.step(action)
             self.steps += 1
             event = EnvStep(step_index=now, action=action, eef_pos=state.eef_pos, eef_quat=state.eef_quat,
                             actions_left_in_chunk=len(queue))
@@ -317,7 +321,9 @@ def protocol(cfg: EvalConfig, chunk: int) -> dict:
             "proprio": "eef_pos + quat2axisangle(eef_quat) + gripper_qpos",
             "action_readout": "unnormalised, clipped to [-1, 1], gripper binarised by sign",
             "dense_reference": cfg.dense_reference and cfg.strategy != "none",
-            "stock": (max_steps == stock and cfg.render_quality == "stock" and cfg.hard_reset)}
+            "skip_first_actions": cfg.skip_first_actions,
+            "stock": (max_steps == stock and cfg.render_quality == "stock" and cfg.hard_reset
+                      and cfg.skip_first_actions == 0)}
 
 
 def evaluate(cfg: EvalConfig, output: str | Path, command: str = "",

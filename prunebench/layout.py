@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 # Row groups a strategy may ask attention for (see TokenLayout.row_slots).
-ROW_GROUPS = ("text", "prompt", "language", "prefill", "action", "nonvision", "last")
+ROW_GROUPS = ("text", "prompt", "language", "prefill", "action", "nonvision", "post_visual", "last")
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,8 @@ class TokenLayout:
 
         text: prompt minus its fixed template; prompt: whole prompt; language: BOS + prompt + STOP;
         prefill: everything before the action slots; action: the action slots; nonvision: every
-        non-visual token; last: STOP.
+        non-visual token; post_visual: the non-visual tokens after the images (proprio, prompt,
+        actions, STOP; SpecPrune-VLA's importance rows); last: STOP.
         """
         p = self.positions
         if group == "text":
@@ -140,6 +141,8 @@ class TokenLayout:
             mask = (p >= self.actions[0]) & (p < self.actions[1])
         elif group == "nonvision":
             mask = ~self.is_visual_slot()
+        elif group == "post_visual":
+            mask = ~self.is_visual_slot() & (p > self.views[-1].stop - 1)
         elif group == "last":
             mask = p == self.stop
         else:

@@ -25,6 +25,9 @@ DEFAULT_PLUGINS = (
     "strategies.random",
     "strategies.downsample",
     "strategies.fastv",
+    "strategies.specprune_vla",
+    "strategies.vla_pruner",
+    "strategies.adp",
 )
 
 

@@ -11,15 +11,16 @@ from prunebench.interface import Budget
 from prunebench.layout import TokenLayout
 
 
-def top_k(scores: torch.Tensor, k: int, among: torch.Tensor) -> torch.Tensor:
-    """The ``k`` highest-scoring visual indices from ``among`` (ties broken by lower index)."""
+def top_k(scores: torch.Tensor, k: int, among: torch.Tensor, ordered: bool = False) -> torch.Tensor:
+    """The ``k`` highest-scoring visual indices from ``among`` (ties broken by lower index), sorted
+    by index, or best first when ``ordered``."""
     k = min(k, int(among.numel()))
     if k <= 0:
         return among[:0]
     values = scores[among].float().nan_to_num(nan=float("-inf"))
     # stable: sort by descending score, then ascending index
     order = torch.sort(values, descending=True, stable=True).indices[:k]
-    return torch.sort(among[order]).values
+    return among[order] if ordered else torch.sort(among[order]).values
 
 
 def present_in_view(layout: TokenLayout, view: int) -> torch.Tensor:

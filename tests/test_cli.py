@@ -6,10 +6,10 @@ from prunebench.cli import main
 from prunebench.results import read_results
 
 
-def test_plugins_lists_the_four_baselines(capsys):
+def test_plugins_lists_the_baselines_and_the_paper_methods(capsys):
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
-    for name in ("none", "random", "downsample", "fastv"):
+    for name in ("none", "random", "downsample", "fastv", "specprune-vla", "vla-pruner", "adp"):
         assert f"strategy {name}:" in out
 
 
@@ -62,4 +62,5 @@ def test_compare_prints_a_table(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "FLOPs-ideal" in out and "fastv" in out
     rows = json.loads((tmp_path / "c.json").read_text())["rows"]
-    assert {r["strategy"] for r in rows} == {"none", "random", "downsample", "fastv"}
+    assert {r["strategy"] for r in rows} == {"none", "random", "downsample", "fastv", "specprune-vla",
+                                             "vla-pruner", "adp"}

@@ -161,3 +161,10 @@ def test_missing_libero_is_one_clear_error(monkeypatch, capsys):
         libero.libero_modules.cache_clear()
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "LIBERO is not installed" in err and "pip install" in err
+
+
+def test_skip_first_actions_reproduces_the_specprune_release_quirk(tiny_path):
+    cfg = EvalConfig(strategy="none", model=tiny_path, max_steps=16, skip_first_actions=9)
+    env = FakeEnv(Job("libero_object", 0, 0, 0))
+    episode = EpisodeRunner(cfg, make_env=lambda job: env).run(Job("libero_object", 0, 0, 0))
+    assert episode.steps == 16 and len(env.actions) == WAIT_STEPS + 16 - 9

@@ -101,3 +101,17 @@ def test_parallel_workers_run_every_episode(tmp_path):
     results = evaluate(short_run(tmp_path, episodes=2, max_steps=8, workers=2), tmp_path / "r.json")
     assert sorted(e.init_state_id for e in results.episodes) == [0, 1]
     assert all(e.n_queries == 1 and e.failure_reason == "timeout" for e in results.episodes)
+
+
+@pytest.mark.parametrize("name", ["specprune-vla", "vla-pruner", "adp"])
+def test_paper_strategies_run_a_closed_loop_episode(tmp_path, name):
+    from prunebench.closed_loop import evaluate
+
+    results = evaluate(short_run(tmp_path, strategy=name, config={}, max_steps=40), tmp_path / "r.json")
+    episode = results.episodes[0]
+    assert episode.failure_reason == "timeout" and episode.n_queries >= 5
+    assert all(q.dense_ms for q in episode.queries)
+    if name == "specprune-vla":
+        assert not episode.queries[0].dense  # prunes from the first query
+    else:  # dense warm-up / first chunks, then pruned queries
+        assert episode.queries[0].dense and not all(q.dense for q in episode.queries)
