@@ -2,7 +2,8 @@
 scoring cost?
 
 For keep ratios 1.0 / 0.75 / 0.5 / 0.25, removal before the LLM and after layer 2, and every
-built-in strategy, measured in one process with all variants interleaved in shuffled order per
+built-in strategy (the paper methods at their own insertion points: see ``paper_variants``),
+measured in one process with all variants interleaved in shuffled order per
 round (so machine noise hits all alike):
 
 * LLM speedup     = median dense LLM ms / median pruned LLM ms (decoder layers + final norm)
@@ -37,6 +38,22 @@ from prunebench.versions import environment
 
 KEEP_RATIOS = (1.0, 0.75, 0.5, 0.25)
 POINTS = (-1, 2)  # before the LLM, after layer 2
+
+
+def paper_variants(name: str, n_layers: int) -> list[tuple[str, float | str, dict]] | None:
+    """(where, keep, config) of the paper methods at their own insertion points; None for others.
+    Per-query gating and warm-ups are off (ADP's gate) or over before timing starts (VLA-Pruner's
+    3 dense queries = the warm-up rounds), so every timed query is a pruned one."""
+    from prunebench import scale_layer
+
+    if name == "specprune-vla":  # its budget comes from frame differences and attention top-k
+        return [("static+dynamic", "paper", {}), ("static", "paper", {"dynamic": False}),
+                ("dynamic", "paper", {"static": False})]
+    if name == "vla-pruner":
+        return [(f"after_layer_{scale_layer(3, n_layers)}", k, {"keep_ratio": k}) for k in KEEP_RATIOS]
+    if name == "adp":
+        return [("before_llm", k, {"keep_ratio": k, "gate": False}) for k in KEEP_RATIOS]
+    return None
 
 
 def configure(name: str, keep: float, point: int, extra: dict) -> dict | None:
@@ -76,6 +93,12 @@ def main(argv=None) -> int:
     names = args.strategies or builtin
     variants = {("none", 1.0, "dense"): MANAGER.create("none")}
     for name in names:
+        paper = paper_variants(name, model.cfg.n_layers)
+        if paper is not None:
+            for where, keep, config in paper:
+                variants[(name, keep, where)] = MANAGER.create(name, {**config, **{
+                    k: v for k, v in extra.items() if k in MANAGER.get(name).Config.model_fields}})
+            continue
         for keep in KEEP_RATIOS:
             for point in POINTS:
                 config = configure(name, keep, point, extra)

@@ -93,8 +93,9 @@ class PruningEngine:
             wanted = [r for r in plan.signals if r.kind == "attention" and r.layer == index]
             if wanted:
                 with timer("overhead"):
+                    values = sig.attention_to_visual(layer, h, cos, sin, layout, [r.rows for r in wanted])
                     for request in wanted:
-                        signals[request] = sig.attention_to_visual(layer, h, cos, sin, layout, request.rows)
+                        signals[request] = values[request.rows]
             with timer("llm"):
                 h = layer(h, attention_mask=None, position_ids=pos_ids, position_embeddings=(cos, sin),
                           is_causal=False)

@@ -36,16 +36,24 @@ def _queries_keys(layer, h: torch.Tensor, rows: torch.Tensor):
 
 
 def attention_to_visual(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                        layout: TokenLayout, rows: str) -> torch.Tensor:
-    """Head- and row-averaged softmax attention of ``rows`` to every visual token at ``layer``."""
-    row_slots = layout.row_slots(rows)
-    q, k, scale = _queries_keys(layer, h, row_slots)
-    cq, sq = cos[:, row_slots].unsqueeze(1), sin[:, row_slots].unsqueeze(1)
-    ck, sk = cos.unsqueeze(1), sin.unsqueeze(1)
-    q = (q * cq + rotate_half(q) * sq) * scale  # scale the few query rows, not the score matrix
-    k = k * ck + rotate_half(k) * sk
-    probs = torch.softmax(q @ k.transpose(-1, -2), dim=-1)  # (1, H, r, n)
-    return _scatter_visual(probs.mean(dim=(0, 1, 2)), layout)
+                        layout: TokenLayout, rows: list[str]) -> dict[str, torch.Tensor]:
+    """Head- and row-averaged softmax attention of each row group in ``rows`` to every visual
+    token at ``layer``. Keys (with rotary) are computed once for all groups."""
+    attn = layer.self_attn
+    cfg = attn.config
+    x = layer.input_layernorm(h)
+    k = _heads(attn.k_proj(x), cfg.num_key_value_heads)
+    k = k.repeat_interleave(cfg.num_attention_heads // cfg.num_key_value_heads, dim=1)
+    k = k * cos.unsqueeze(1) + rotate_half(k) * sin.unsqueeze(1)
+    out = {}
+    for group in rows:
+        row_slots = layout.row_slots(group)
+        q = _heads(attn.q_proj(x[:, row_slots]), cfg.num_attention_heads)
+        cq, sq = cos[:, row_slots].unsqueeze(1), sin[:, row_slots].unsqueeze(1)
+        q = (q * cq + rotate_half(q) * sq) * attn.scaling  # scale the few query rows, not the scores
+        probs = torch.softmax(q @ k.transpose(-1, -2), dim=-1)  # (1, H, r, n)
+        out[group] = _scatter_visual(probs.mean(dim=(0, 1, 2)), layout)
+    return out
 
 
 def qk_logits_to_visual(layer, embeds: torch.Tensor, layout: TokenLayout, rows: str) -> torch.Tensor:

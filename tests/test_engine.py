@@ -97,7 +97,7 @@ def test_recomputed_attention_matches_eager_weights(tiny_model, obs):
     rows = layout.row_slots("text")
     expected = weights[0][:, rows].mean(dim=(0, 1))[layout.visual_slots()]
     with torch.inference_mode():
-        got = attention_to_visual(layer, h, cos, sin, layout, "text")
+        got = attention_to_visual(layer, h, cos, sin, layout, ["text"])["text"]
     assert torch.allclose(got, expected, atol=1e-6)
 
 
