@@ -18,13 +18,10 @@ Usage: python benchmarks/engine.py [--rounds 30] [--out benchmarks/results/engin
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
-from pathlib import Path
 
 import numpy as np
-import torch
 
 from prunebench.compare import format_table
 from prunebench.config import parse_overrides

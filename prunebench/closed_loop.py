@@ -30,9 +30,9 @@ from typing import Callable, Literal
 
 import multiprocessing as mp
 import numpy as np
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from prunebench.config import RunConfig, one_line
+from prunebench.config import RunConfig, load_config
 from prunebench.envs.libero import SimulationError
 from prunebench.errors import PrunebenchError
 from prunebench.interface import EnvStep, Observation
@@ -92,7 +92,6 @@ class EpisodeRunner:
     """Everything one process needs to run episodes: model, engine, strategies, a cached env."""
 
     def __init__(self, cfg: EvalConfig, make_env: Callable[[Job], object] | None = None) -> None:
-
         from prunebench.engine import PruningEngine
         from prunebench.models import load_model
         from prunebench.plugins import MANAGER
@@ -159,7 +158,7 @@ class _Episode:
     """The control loop of one episode (state that lives only while it runs)."""
 
     def __init__(self, owner: EpisodeRunner, job: Job) -> None:
-        self.o, self.job = owner, job
+        self.owner, self.job = owner, job
         self.success, self.steps, self.requeries = False, 0, 0
         self.failure: str | None = None
         self.queries: list[ClosedLoopQuery] = []
@@ -171,11 +170,11 @@ class _Episode:
         from prunebench.envs.libero import WAIT_ACTION, WAIT_STEPS, stock_max_steps
         from prunebench.replay import StreamRecorder
 
-        cfg, job = self.o.cfg, self.job
+        cfg, job = self.owner.cfg, self.job
         max_steps = cfg.max_steps or stock_max_steps(job.suite)
         seed_of_episode = query_seed(cfg.seed, job.episode_index, 0)
-        runner = StreamRunner(self.o.engine, self.o.strategy, cfg.seed, job.episode_index)
-        dense = StreamRunner(self.o.engine, self.o.dense, cfg.seed, job.episode_index) if self.o.dense else None
+        runner = StreamRunner(self.owner.engine, self.owner.strategy, cfg.seed, job.episode_index)
+        dense = StreamRunner(self.owner.engine, self.owner.dense, cfg.seed, job.episode_index) if self.owner.dense else None
         recorder = StreamRecorder(meta={
             "suite": job.suite, "task_id": job.task_id, "task": env.task.name,
             "init_state_id": job.init_state_id, "episode_index": job.episode_index,
@@ -189,13 +188,13 @@ class _Episode:
 
         queue: deque = deque()
         events: list[EnvStep] = []  # executed since the last query
-        rendered: deque = deque(maxlen=self.o.history + 1)  # (state index, images), newest last
+        rendered: deque = deque(maxlen=self.owner.history + 1)  # (state index, images), newest last
         order = random.Random(seed_of_episode)
         while self.steps < max_steps:
             now = WAIT_STEPS + self.steps  # env steps executed so far = index of this state
             if not queue:
                 images = env.render()
-                history = _frames_before(rendered, now, self.o.history)
+                history = _frames_before(rendered, now, self.owner.history)
                 obs = Observation(images=images, proprio=state.proprio, instruction=instruction)
                 queue.extend(self._query(runner, dense, obs, now, order, history))
                 if recorder:
@@ -217,7 +216,7 @@ class _Episode:
             if runner.observe_step(event) and queue:
                 self.requeries += 1
                 queue.clear()
-            if queue and len(queue) <= self.o.history:  # a step whose frame a coming query needs
+            if queue and len(queue) <= self.owner.history:  # a step whose frame a coming query needs
                 rendered.append((now + 1, env.render()))
         if recorder and recorder.items:
             name = f"{job.suite}_task{job.task_id}_init{job.init_state_id}.npz"
@@ -407,16 +406,9 @@ def _run_pool(cfg: EvalConfig, jobs: list[Job], record: Callable[[EpisodeResult]
     pool.shutdown()
 
 
-def load_eval_config(args_config: str | None, **fields) -> EvalConfig:
+def load_eval_config(path: str | None, **fields) -> EvalConfig:
     """An EvalConfig from a YAML/JSON file and/or command-line fields, with one-line errors."""
-    from prunebench.config import read_config_file
-
-    data = read_config_file(args_config) if args_config else {}
-    data.update({k: v for k, v in fields.items() if v is not None})
-    try:
-        return EvalConfig.model_validate(data)
-    except ValidationError as err:
-        raise PrunebenchError(one_line(err, f"{args_config}: " if args_config else "")) from None
+    return load_config(EvalConfig, path, **fields)
 
 
 def print_summary(results: EvalResults, file=sys.stdout) -> None:

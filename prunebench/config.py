@@ -63,8 +63,15 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data or {}
 
 
-def load_run_config(path: str | Path) -> RunConfig:
+def load_config(cls: type[BaseModel], path: str | Path | None = None, **fields: Any):
+    """``cls`` from a YAML/JSON file and/or fields (fields that are not None win), one-line errors."""
+    data = read_config_file(path) if path else {}
+    data.update({k: v for k, v in fields.items() if v is not None})
     try:
-        return RunConfig.model_validate(read_config_file(path))
+        return cls.model_validate(data)
     except ValidationError as err:
-        raise PrunebenchError(one_line(err, f"{path}: ")) from None
+        raise PrunebenchError(one_line(err, f"{path}: " if path else "")) from None
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    return load_config(RunConfig, path)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from prunebench.layout import ROW_GROUPS, TokenLayout
+from prunebench.layout import TokenLayout
 
 if TYPE_CHECKING:  # pragma: no cover
     import optuna

@@ -24,7 +24,7 @@ from pydantic import BaseModel
 
 from prunebench.errors import PrunebenchError
 from prunebench.interface import EnvStep, Observation, Strategy
-from prunebench.results import QuerySummary, Stats
+from prunebench.results import QuerySummary, Stats, median_speedup
 from prunebench.streams import StreamQuery
 
 FORMAT = "prunebench-stream/1"
@@ -166,7 +166,6 @@ def replay(engine, strategy: Strategy, streams: list[RecordedStream], seed: int 
         ms += [p.record.ms for p in pruned]
         records += [p.record for p in pruned]
     l1 = [v for s in per_stream for v in s.action_l1]
-    speedup = {k: float(np.median([d[k] for d in dense_ms]) / np.median([m[k] for m in ms]))
-               for k in ("total", "llm")}
+    speedup = median_speedup(dense_ms, ms)
     return ReplayReport(strategy=name, n_streams=len(streams), n_queries=len(l1), action_l1=Stats.of(l1),
                         speedup_vs_dense=speedup, queries=QuerySummary.of(records), streams=per_stream)

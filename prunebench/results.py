@@ -37,6 +37,12 @@ def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, flo
     return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
+def median_speedup(dense_ms: list[dict[str, float]], ms: list[dict[str, float]]) -> dict[str, float]:
+    """Median dense time / median time, for the whole query and the LLM (paired queries)."""
+    return {k: float(np.median([d[k] for d in dense_ms]) / max(1e-9, np.median([m[k] for m in ms])))
+            for k in ("total", "llm")}
+
+
 class Stats(BaseModel):
     mean: float
     median: float
@@ -166,10 +172,7 @@ class GroupResult(BaseModel):
                 failures[kind] = failures.get(kind, 0) + 1
         records = [q for e in episodes for q in e.queries]
         paired = [q for q in records if q.dense_ms]
-        speedup = None
-        if paired:
-            speedup = {s: float(np.median([q.dense_ms[s] for q in paired]) /
-                               max(1e-9, np.median([q.ms[s] for q in paired]))) for s in ("total", "llm")}
+        speedup = median_speedup([q.dense_ms for q in paired], [q.ms for q in paired]) if paired else None
         l1 = [q.action_l1_vs_dense for q in records if q.action_l1_vs_dense is not None]
         return cls(n_episodes=n, n_success=wins, success_rate=wins / n if n else 0.0,
                    success_ci95=wilson_interval(wins, n),

@@ -25,14 +25,15 @@ def _scatter_visual(values: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     return out
 
 
-def _queries_keys(layer, h: torch.Tensor, rows: torch.Tensor):
-    attn = layer.self_attn
+def _keys(attn, x: torch.Tensor) -> torch.Tensor:
+    """(1, H, n, hd) keys of the normalised input ``x``, KV heads repeated to the query heads."""
     cfg = attn.config
-    x = layer.input_layernorm(h)
-    q = _heads(attn.q_proj(x[:, rows]), cfg.num_attention_heads)
     k = _heads(attn.k_proj(x), cfg.num_key_value_heads)
-    k = k.repeat_interleave(cfg.num_attention_heads // cfg.num_key_value_heads, dim=1)
-    return q, k, attn.scaling
+    return k.repeat_interleave(cfg.num_attention_heads // cfg.num_key_value_heads, dim=1)
+
+
+def _queries(attn, x: torch.Tensor) -> torch.Tensor:
+    return _heads(attn.q_proj(x), attn.config.num_attention_heads)
 
 
 def attention_to_visual(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -40,15 +41,13 @@ def attention_to_visual(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Te
     """Head- and row-averaged softmax attention of each row group in ``rows`` to every visual
     token at ``layer``. Keys (with rotary) are computed once for all groups."""
     attn = layer.self_attn
-    cfg = attn.config
     x = layer.input_layernorm(h)
-    k = _heads(attn.k_proj(x), cfg.num_key_value_heads)
-    k = k.repeat_interleave(cfg.num_attention_heads // cfg.num_key_value_heads, dim=1)
+    k = _keys(attn, x)
     k = k * cos.unsqueeze(1) + rotate_half(k) * sin.unsqueeze(1)
     out = {}
     for group in rows:
         row_slots = layout.row_slots(group)
-        q = _heads(attn.q_proj(x[:, row_slots]), cfg.num_attention_heads)
+        q = _queries(attn, x[:, row_slots])
         cq, sq = cos[:, row_slots].unsqueeze(1), sin[:, row_slots].unsqueeze(1)
         q = (q * cq + rotate_half(q) * sq) * attn.scaling  # scale the few query rows, not the scores
         probs = torch.softmax(q @ k.transpose(-1, -2), dim=-1)  # (1, H, r, n)
@@ -59,8 +58,10 @@ def attention_to_visual(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Te
 def qk_logits_to_visual(layer, embeds: torch.Tensor, layout: TokenLayout, rows: str) -> torch.Tensor:
     """Raw q·k/√d logits of ``rows`` to visual tokens on the input embeddings: no rotary, no
     softmax, averaged over heads and rows (ADP's retrieval weight)."""
-    q, k, scale = _queries_keys(layer, embeds, layout.row_slots(rows))
-    logits = (q @ k.transpose(-1, -2)).float() * scale
+    attn = layer.self_attn
+    x = layer.input_layernorm(embeds)
+    q, k = _queries(attn, x[:, layout.row_slots(rows)]), _keys(attn, x)
+    logits = (q @ k.transpose(-1, -2)).float() * attn.scaling
     return _scatter_visual(logits.mean(dim=(0, 1, 2)), layout)
 
 

@@ -1,6 +1,5 @@
 import json
 
-import pytest
 
 from prunebench.cli import main
 from prunebench.results import read_results

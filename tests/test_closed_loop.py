@@ -9,8 +9,6 @@ import pytest
 from prunebench import PrunePlan, Strategy
 from prunebench.closed_loop import EpisodeRunner, EvalConfig, Job, postprocess_action
 from prunebench.envs.libero import WAIT_STEPS, SimulationError, StepState
-from prunebench.models.mini_oft import MiniOFT
-from tests.conftest import TINY
 from tests.helpers import registered
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from prunebench import BEFORE_LLM, Budget, PrunePlan, Stage, StrategyError, attention
+from prunebench import BEFORE_LLM, PrunePlan, Stage, StrategyError, attention
 from prunebench.engine import PruningEngine
 from prunebench.errors import EngineError
 from prunebench.plugins import MANAGER

@@ -183,9 +183,10 @@ class LiberoEnv:
         unknown = [v for v in views if v not in CAMERAS]
         if unknown:
             raise PrunebenchError(f"views {unknown} have no LIBERO camera; known: {list(CAMERAS)}")
-        self.task = tasks(suite)[task_id] if 0 <= task_id < _suite(suite).n_tasks else None
-        if self.task is None:
-            raise PrunebenchError(f"suite {suite} has no task {task_id} (0..{_suite(suite).n_tasks - 1})")
+        n_tasks = _suite(suite).n_tasks
+        if not 0 <= task_id < n_tasks:
+            raise PrunebenchError(f"suite {suite} has no task {task_id} (0..{n_tasks - 1})")
+        self.task = tasks(suite)[task_id]
         self.size, self.render_mode, self.render_quality = camera_size, render, render_quality
         self.views = views
         common = dict(bddl_file_name=self.task.bddl_file, camera_heights=camera_size,
