@@ -207,7 +207,51 @@ def cmd_run_stream(args) -> int:
     return 0
 
 
+def _strategies_to_compare(names: list[str] | None, keep_ratio: float) -> dict[str, dict]:
+    """Config overrides per strategy: the dense baseline first, ``keep_ratio`` where a strategy has one."""
+    from prunebench.plugins import MANAGER
+
+    names = names or list(MANAGER.strategies())
+    out = {"none": {}}
+    for name in names:
+        if name != "none":
+            fields = MANAGER.get(name).Config.model_fields
+            out[name] = {"keep_ratio": keep_ratio} if "keep_ratio" in fields else {}
+    return out
+
+
+def cmd_compare_libero(args) -> int:
+    import datetime as dt
+
+    from prunebench.closed_loop import EvalConfig, evaluate
+    from prunebench.compare import CLOSED_LOOP_COLUMNS, closed_loop_rows, format_table
+
+    stamp = dt.datetime.now().strftime("%Y%m%dT%H%M%S")
+    out_dir = Path(args.output or f"results/compare_{args.suite}_{stamp}")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise PrunebenchError(f"{out_dir} exists and is not empty; choose another --output")
+    results, files = {}, {}
+    for name, overrides in _strategies_to_compare(args.strategies, args.keep_ratio).items():
+        cfg = EvalConfig(strategy=name, config=overrides, seed=args.seed, model=args.model,
+                         suite=args.suite, tasks=args.tasks, episodes=args.episodes,
+                         workers=args.workers, render_quality=args.render_quality,
+                         hard_reset=not args.fast_reset)
+        files[name] = str(out_dir / f"{name}.json")
+        print(f"{name}: {args.episodes} episode(s) per task ...", file=sys.stderr, flush=True)
+        results[name] = evaluate(cfg, files[name], " ".join(["prunebench"] + sys.argv[1:]))
+    rows = closed_loop_rows(results, files)
+    first = next(iter(results.values()))
+    print(f"{args.suite}, tasks {args.tasks or 'all'}, {args.episodes} episode(s) per task from official "
+          f"init state 0, policy {first.model['source']}, backend {first.attention_backend}, "
+          f"stock protocol: {first.protocol['stock']}")
+    print(format_table([r.model_dump() for r in rows], CLOSED_LOOP_COLUMNS))
+    print(f"wrote {out_dir}/<strategy>.json")
+    return 0
+
+
 def cmd_compare(args) -> int:
+    if args.suite:
+        return cmd_compare_libero(args)
     from prunebench.compare import COMPARISON_COLUMNS, compare_rows, format_table
     from prunebench.plugins import MANAGER
     from prunebench.results import write_json
@@ -217,13 +261,8 @@ def cmd_compare(args) -> int:
     from pydantic import BaseModel
 
     engine, model_info = _engine(args.model, args.seed)
-    names = args.strategies or [n for n, r in MANAGER.strategies().items()]
-    strategies = {"none": MANAGER.create("none")}
-    for name in names:
-        if name == "none":
-            continue
-        fields = MANAGER.get(name).Config.model_fields
-        strategies[name] = MANAGER.create(name, {"keep_ratio": args.keep_ratio} if "keep_ratio" in fields else {})
+    strategies = {name: MANAGER.create(name, overrides)
+                  for name, overrides in _strategies_to_compare(args.strategies, args.keep_ratio).items()}
     stream = SyntheticStream(n_queries=args.queries, seed=args.seed, image_size=engine.model.cfg.image_size)
     # warm-up so the first timed queries do not pay one-off allocation costs
     run_interleaved(engine, strategies, SyntheticStream(n_queries=2, seed=args.seed + 1,
@@ -252,6 +291,35 @@ def cmd_compare(args) -> int:
             configs={n: s.config.model_dump() for n, s in strategies.items()},
             rows=[r.model_dump() for r in rows]))
         print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_demos(args) -> int:
+    from prunebench.demos import generate, load_demo_config
+
+    cfg = load_demo_config(args.config, suite=args.suite, tasks=args.tasks, per_task=args.per_task,
+                           noise=args.noise, render_every=args.render_every, workers=args.workers,
+                           seed_offset=args.seed_offset)
+    manifest = generate(cfg, args.output)
+    for task, row in manifest["tasks"].items():
+        print(f"task {task:>2}: {row['demos']} demos, {row['failed']} failed attempts")
+    print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from prunebench.training import load_train_config, main_log, train
+
+    cfg = load_train_config(args.config, data=args.data, steps=args.steps, seed=args.seed,
+                            batch_size=args.batch_size, threads=args.threads)
+    output = Path(args.output)
+    if output.exists() and not args.overwrite:
+        raise PrunebenchError(f"{output} exists; choose another --output or pass --overwrite")
+    summary = train(cfg, output, log=main_log)
+    print(f"trained {summary['parameters']:,} parameters on {summary['demos']} demos "
+          f"({summary['frames']} frames) in {summary['train_minutes']:.1f} min; "
+          f"final val L1 {summary['history'][-1]['val_l1']:.4f}")
+    print(f"wrote {output}")
     return 0
 
 
@@ -325,13 +393,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("suite", nargs="?", help="a suite to list the tasks of")
     p.set_defaults(func=cmd_suites)
 
-    p = sub.add_parser("compare", help="compare strategies against dense on the built-in model")
+    p = sub.add_parser(
+        "demos", help="generate scripted-expert demonstrations for training the built-in policy",
+        description="A privileged-pose expert solves each task from initial states sampled by env seed "
+                    "(never the official eval init states), with noise on the executed actions. One "
+                    "file per demo: re-running resumes. Needs the libero extra.")
+    p.add_argument("--config", help="DemoConfig file (YAML/JSON); flags override it")
+    p.add_argument("--suite", help="LIBERO suite (default libero_object)")
+    p.add_argument("--tasks", type=int, nargs="+", help="task ids (default: every task)")
+    p.add_argument("--per-task", type=int, help="successful demos per task (default 40)")
+    p.add_argument("--noise", type=float, help="std of the executed-action noise (default 0.3)")
+    p.add_argument("--render-every", type=int, help="keep camera frames every k-th step (default 2)")
+    p.add_argument("--workers", type=int, help="parallel processes (default 2)")
+    p.add_argument("--seed-offset", type=int, help="shift the env seeds (a different dataset)")
+    p.add_argument("-o", "--output", default="data/demos/libero_object", help="dataset directory")
+    p.set_defaults(func=cmd_demos)
+
+    p = sub.add_parser("train", help="train the built-in policy (MiniOFT) on a demo dataset",
+                       description="L1 on 8-step action chunks with augmentation; reproducible "
+                                   "from --seed. Writes one safetensors file with the normalisation.")
+    p.add_argument("--config", help="TrainConfig file (YAML/JSON); flags override it")
+    p.add_argument("--data", help="dataset directory from 'prunebench demos'")
+    p.add_argument("--steps", type=int, help="optimiser steps (default 1500)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--threads", type=int, help="torch threads (default 2)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("-o", "--output", required=True, help="weights file (.safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "compare", help="compare strategies against dense: closed-loop LIBERO (--suite) or a stream",
+        description="With --suite: every strategy plays the same LIBERO episodes (official init "
+                    "states) with the same policy; prints success, mean query latency, speedup vs "
+                    "the same-run dense reference and mean visual tokens. Without: a synthetic "
+                    "observation stream (latency and action error only).")
     p.add_argument("--strategies", nargs="*", help="names (default: every registered strategy)")
-    p.add_argument("--keep-ratio", type=float, default=0.5, help="keep ratio given to each strategy")
-    p.add_argument("--queries", type=int, default=24)
+    p.add_argument("--keep-ratio", type=float, default=0.5,
+                   help="keep ratio given to strategies that have one (others use their defaults)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", help="MiniOFT safetensors file (default: the built-in model)")
-    p.add_argument("-o", "--output", help="also write the table as JSON")
+    p.add_argument("-o", "--output", help="JSON file (stream) or results directory (--suite)")
+    g = p.add_argument_group("LIBERO closed loop")
+    g.add_argument("--suite", help="LIBERO suite, e.g. libero_object")
+    g.add_argument("--tasks", type=int, nargs="+", help="task ids (default: every task)")
+    g.add_argument("--episodes", type=int, default=1, help="episodes per task (default 1)")
+    g.add_argument("--workers", type=int, default=1, help="episodes in parallel processes")
+    g.add_argument("--render-quality", choices=["stock", "fast"], default="stock",
+                   help="fast: no MSAA/reflections/shadows (non-stock, recorded)")
+    g.add_argument("--fast-reset", action="store_true", help="hard_reset=False (non-stock, recorded)")
+    g = p.add_argument_group("synthetic stream")
+    g.add_argument("--queries", type=int, default=24)
     p.set_defaults(func=cmd_compare)
     return parser
 

@@ -6,6 +6,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from prunebench.engine import QueryResult
+from prunebench.results import EvalResults
 
 
 class ComparisonRow(BaseModel):
@@ -56,4 +57,42 @@ COMPARISON_COLUMNS = [
     ("overhead_ms_median", "overhead ms", ".2f"), ("speedup_total", "speedup", ".2f"),
     ("speedup_llm", "LLM speedup", ".2f"), ("flops_ideal_speedup", "FLOPs-ideal", ".2f"),
     ("action_l1_vs_dense", "action L1 vs dense", ".4f"),
+]
+
+
+# --------------------------------------------------------------------------- closed loop
+class ClosedLoopRow(BaseModel):
+    """One strategy's closed-loop LIBERO result next to the others (same episodes, same policy)."""
+
+    strategy: str
+    episodes: int
+    success_rate: float
+    success_ci95: str
+    mean_query_ms: float
+    speedup_vs_dense: float  # same-run dense reference: median dense ms / median ms
+    mean_visual_tokens: float
+    llm_gflops: float
+    results_file: str
+
+
+def closed_loop_rows(results: dict[str, EvalResults], files: dict[str, str]) -> list[ClosedLoopRow]:
+    rows = []
+    for name, res in results.items():
+        group = res.overall
+        q = group.queries
+        lo, hi = group.success_ci95
+        rows.append(ClosedLoopRow(
+            strategy=name, episodes=group.n_episodes, success_rate=group.success_rate,
+            success_ci95=f"[{lo:.2f}, {hi:.2f}]", mean_query_ms=q.latency_ms["total"].mean,
+            speedup_vs_dense=group.speedup_vs_dense["total"] if group.speedup_vs_dense else 1.0,
+            mean_visual_tokens=q.mean_visual_tokens, llm_gflops=q.mean_llm_flops / 1e9,
+            results_file=files[name]))
+    return rows
+
+
+CLOSED_LOOP_COLUMNS = [
+    ("strategy", "strategy", ""), ("episodes", "episodes", "d"), ("success_rate", "success", ".2f"),
+    ("success_ci95", "95% CI", ""), ("mean_query_ms", "mean query ms", ".2f"),
+    ("speedup_vs_dense", "speedup vs dense", ".2f"), ("mean_visual_tokens", "visual tok", ".1f"),
+    ("llm_gflops", "LLM GFLOPs", ".3f"),
 ]

@@ -115,3 +115,25 @@ def test_paper_strategies_run_a_closed_loop_episode(tmp_path, name):
         assert not episode.queries[0].dense  # prunes from the first query
     else:  # dense warm-up / first chunks, then pruned queries
         assert episode.queries[0].dense and not all(q.dense for q in episode.queries)
+
+
+def test_scripted_expert_solves_a_sampled_scene_and_demos_resume(tmp_path):
+    from prunebench.demos import DemoConfig, demo_files, generate
+
+    cfg = DemoConfig(tasks=[0], per_task=1, noise=0.0, render_every=40, camera_size=32, workers=1)
+    manifest = generate(cfg, tmp_path)
+    assert manifest["tasks"]["0"] == {"demos": 1, "failed": 0}
+    (path,) = demo_files(tmp_path)
+    demo = np.load(path)
+    steps = len(demo["actions"])
+    assert 100 < steps < 280  # the expert succeeded well inside the stock limit
+    assert demo["images"].shape == (len(demo["frame_steps"]), 2, 32, 32, 3)
+    np.testing.assert_array_equal(demo["frame_steps"], np.arange(0, steps, 40))
+    assert np.all(demo["actions"][:, 3:6] == 0) and set(np.unique(demo["actions"][:, 6])) == {-1.0, 1.0}
+    assert "alphabet soup" in str(demo["instruction"])
+    # the sampled start is not an official evaluation init state
+    from prunebench.envs.libero import init_states
+
+    assert int(demo["seed"]) == 0 and len(init_states("libero_object", 0)) == 50
+    again = generate(cfg, tmp_path)  # resumes: nothing left to do
+    assert again["tasks"]["0"] == {"demos": 1, "failed": 0} and demo_files(tmp_path) == [path]

@@ -211,6 +211,19 @@ class LiberoEnv:
         self._apply_render_quality()
         return self._state(False)
 
+    def reset_sampled(self, seed: int) -> StepState:
+        """A fresh initial state sampled by LIBERO's placement rules from ``seed`` (never one of the
+        official evaluation init states): for making training demonstrations."""
+        self.env.seed(seed)
+        self._obs = self.env.reset()
+        self._apply_render_quality()
+        return self._state(False)
+
+    @property
+    def observation(self) -> dict:
+        """The latest raw LIBERO observation, privileged object poses included (for experts)."""
+        return self._obs
+
     def step(self, action: np.ndarray) -> StepState:
         try:
             self._obs, _, done, _ = self.env.step(np.asarray(action, dtype=np.float64))

@@ -4,7 +4,7 @@ Same data flow as OpenVLA-OFT (openvla-oft.md §1-6), scaled down:
 
     camera views --conv patch stem--> patch tokens --GELU MLP projector--> LLM width
     proprio (8) --MLP--> 1 token
-    BOS | view patches ... | proprio | prompt | 56 zeroed action slots (8 x 7) | STOP
+    BOS | view patches ... | proprio | prompt | 56 action slots (8 x 7) | STOP
     --> transformers LlamaModel, bidirectional --> final RMSNorm
     --> read 56 hidden states one position before each action slot (OFT's shifted slice)
     --> reshape (8, 7*D) --> L1-regression MLP-ResNet head --> (8, 7) actions in [-1, 1]
@@ -35,19 +35,20 @@ from prunebench.models.tokenizer import WordTokenizer
 
 
 class MiniOFTConfig(BaseModel):
-    """Sizes of the built-in model. Defaults chosen for a dense query <= 60 ms on 2 CPU cores."""
+    """Sizes of the built-in model. The defaults are the shipped trained policy's (docs/policy.md):
+    small enough to train on 2 CPU cores in well under an hour, 64 visual tokens per view."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     views: tuple[str, ...] = ("agentview", "wrist")
     image_size: int = Field(96, ge=16)
-    patch_size: int = Field(8, ge=4)
+    patch_size: int = Field(12, ge=4)
     stem_channels: int = Field(32, ge=1)
     vision_width: int = Field(64, ge=1)
-    hidden_size: int = Field(256, ge=8)
-    n_layers: int = Field(8, ge=1)
+    hidden_size: int = Field(128, ge=8)
+    n_layers: int = Field(4, ge=1)
     n_heads: int = Field(4, ge=1)
     n_kv_heads: int | None = None
-    intermediate_size: int = Field(688, ge=1)
+    intermediate_size: int = Field(384, ge=1)
     head_hidden: int = Field(256, ge=1)
     proprio_dim: int = 8
     action_dim: int = 7
@@ -135,6 +136,11 @@ class MiniOFT(nn.Module):
             attn_implementation=cfg.attn_implementation))
         make_bidirectional(self.llm)
         self.action_head = L1RegressionHead(cfg.action_dim * d, cfg.head_hidden, cfg.action_dim)
+        # OFT feeds zeroed embeddings in the action slots and relies on a pretrained LLM. Trained
+        # from scratch, zero slots all see the same uniform attention at first and the policy
+        # learns to ignore the instruction; learned per-slot queries break that symmetry.
+        self.action_queries = nn.Parameter(torch.zeros(cfg.chunk * cfg.action_dim, d))
+        nn.init.normal_(self.action_queries, std=0.02)
         # normalisation statistics (BOUNDS_Q99 style); set by training, saved with the weights
         self.register_buffer("action_q01", -torch.ones(cfg.action_dim))
         self.register_buffer("action_q99", torch.ones(cfg.action_dim))
@@ -210,7 +216,7 @@ class MiniOFT(nn.Module):
         tok = self.llm.embed_tokens
         bos = tok(torch.full((b, 1), self.tokenizer.bos))
         stop = tok(torch.full((b, 1), self.tokenizer.eos))
-        actions = visual.new_zeros(b, self.cfg.chunk * self.cfg.action_dim, visual.shape[-1])
+        actions = self.action_queries.expand(b, -1, -1)
         return torch.cat([bos, visual, prop, tok(prompt_ids), actions, stop], dim=1)
 
     @torch.inference_mode()
