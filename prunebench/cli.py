@@ -10,7 +10,10 @@ from pathlib import Path
 from prunebench.errors import PrunebenchError
 
 EPILOG = """examples:
-  prunebench compare                       compare the built-in strategies on the built-in model
+  prunebench compare --suite libero_object --tasks 0 4 8 --episodes 2 --workers 2 \\
+      --render-quality fast --fast-reset  compare the built-in strategies in closed loop on the
+                                           shipped policy (success, latency, speedup, tokens)
+  prunebench compare                       the same on a synthetic stream (no simulator)
   prunebench plugins                       list plugins and the strategies they register
   prunebench validate run.yaml             check a run config without running it
   prunebench run --suite libero_object --strategy random --episodes 2
@@ -20,6 +23,8 @@ EPILOG = """examples:
   prunebench replay results/streams --strategy fastv --set keep_ratio=0.25
                                            action error vs dense on recorded LIBERO streams
   prunebench suites                        LIBERO suites, their tasks and stock max steps
+  prunebench demos && prunebench train -o policy.safetensors
+                                           make expert demos and train the built-in policy
 """
 
 
@@ -70,7 +75,7 @@ def _engine(model_path, seed):
 
     model, info = load_model(model_path, seed=seed)
     if not info["trained"]:
-        print("note: no trained weights shipped yet; using the randomly initialised built-in model",
+        print("note: no trained weights found; using a randomly initialised built-in model",
               file=sys.stderr)
     return PruningEngine(model), info
 

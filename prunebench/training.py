@@ -237,15 +237,26 @@ def train(cfg: TrainConfig, output: str | Path, log=print) -> dict:
             history.append(row)
             running = []
             log(json.dumps(row))
-    summary = {"demos": len(files), "frames": len(samples), "train_frames": len(train_idx),
-               "val_demos": n_val, "steps": cfg.steps, "train_minutes": (time.perf_counter() - t_train) / 60,
-               "parameters": sum(p.numel() for p in model.parameters()),
-               "neutral_action_dims": neutral_actions, "neutral_proprio_dims": neutral_proprio,
-               "history": history, "config": cfg.model_dump()}
+            summary = {"demos": len(files), "frames": len(samples), "train_frames": len(train_idx),
+                       "val_demos": n_val, "steps": step + 1, "train_minutes": row["minutes"],
+                       "parameters": sum(p.numel() for p in model.parameters()),
+                       "neutral_action_dims": neutral_actions, "neutral_proprio_dims": neutral_proprio,
+                       "history": history, "config": cfg.model_dump(), "complete": step + 1 == cfg.steps}
+            _save(model, output, summary)  # a checkpoint at every evaluation; the last one is final
     model.eval()
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    model.save(output, extra={"training": summary})
     return summary
+
+
+def _save(model: MiniOFT, output: str | Path, summary: dict) -> None:
+    """Atomic save, so an interrupted run leaves its last checkpoint intact."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.name + ".tmp")
+    was_training = model.training
+    model.eval()
+    model.save(tmp, extra={"training": summary})
+    tmp.replace(output)
+    model.train(was_training)
 
 
 def load_train_config(path: str | None, **fields) -> TrainConfig:
