@@ -12,7 +12,7 @@ from prunebench.errors import PrunebenchError
 EPILOG = """examples:
   prunebench compare --suite libero_object --tasks 0 4 8 --episodes 2 --workers 2 \\
       --render-quality fast --fast-reset  compare the built-in strategies in closed loop on the
-                                           shipped policy (success, latency, speedup, tokens)
+                                           built-in model (success, latency, speedup, tokens)
   prunebench compare                       the same on a synthetic stream (no simulator)
   prunebench plugins                       list plugins and the strategies they register
   prunebench validate run.yaml             check a run config without running it
@@ -408,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", type=int, nargs="+", help="task ids (default: every task)")
     p.add_argument("--per-task", type=int, help="successful demos per task (default 40)")
     p.add_argument("--noise", type=float, help="std of the executed-action noise (default 0.3)")
-    p.add_argument("--render-every", type=int, help="keep camera frames every k-th step (default 2)")
+    p.add_argument("--render-every", type=int, help="keep camera frames every k-th step (default 3)")
     p.add_argument("--workers", type=int, help="parallel processes (default 2)")
     p.add_argument("--seed-offset", type=int, help="shift the env seeds (a different dataset)")
     p.add_argument("-o", "--output", default="data/demos/libero_object", help="dataset directory")
@@ -419,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "from --seed. Writes one safetensors file with the normalisation.")
     p.add_argument("--config", help="TrainConfig file (YAML/JSON); flags override it")
     p.add_argument("--data", help="dataset directory from 'prunebench demos'")
-    p.add_argument("--steps", type=int, help="optimiser steps (default 1500)")
+    p.add_argument("--steps", type=int, help="optimiser steps (default 3000)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--threads", type=int, help="torch threads (default 2)")
     p.add_argument("--seed", type=int)

@@ -41,7 +41,7 @@ class DemoConfig(BaseModel):
     noise: float = Field(0.3, ge=0)  # std of the xyz noise added to executed actions (action units)
     noise_hold: int = Field(4, ge=1)  # steps each noise sample is held (correlated pushes)
     noisy_fraction: float = Field(0.75, ge=0, le=1)  # share of demos with noise (rest are clean)
-    render_every: int = Field(2, ge=1)  # camera frames every k-th step (training samples)
+    render_every: int = Field(3, ge=1)  # camera frames every k-th step (training samples)
     camera_size: int = Field(128, ge=16)
     render_quality: str = "fast"
     seed_offset: int = Field(0, ge=0)

@@ -39,9 +39,9 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     data: str = "data/demos/libero_object"
     model: dict = Field(default_factory=dict)  # MiniOFTConfig fields; {} = the built-in size
-    steps: int = Field(1500, ge=1)
+    steps: int = Field(3000, ge=1)
     batch_size: int = Field(32, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(5e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     warmup: int = Field(100, ge=0)
     final_lr_fraction: float = Field(0.05, ge=0, le=1)

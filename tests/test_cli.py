@@ -39,7 +39,7 @@ def test_run_writes_results_with_config_seed_and_versions(tmp_path):
         assert key in versions
     assert versions["torch"].startswith("2.")
     first = results.queries[0]
-    assert first.stages[0].visual_after == round(0.25 * 288)
+    assert first.stages[0].visual_after == round(0.25 * 128)  # 2 views x 8 x 8 patches
 
 
 def test_run_same_seed_same_actions(tmp_path):

@@ -59,7 +59,7 @@ def test_full_loop_writes_results_and_a_replayable_stream(tmp_path):
     episode = results.episodes[0]
     assert results.complete and episode.steps == 16 and episode.n_queries == 2
     assert episode.failure_reason == "timeout" and episode.init_state_id == 0
-    assert episode.queries[0].visual_per_layer[0] == 144 and episode.queries[0].dense_ms
+    assert episode.queries[0].visual_per_layer[0] == 64 and episode.queries[0].dense_ms
     assert results.overall.n_episodes == 1 and results.overall.speedup_vs_dense["llm"] > 0
     assert results.protocol["max_steps"] == 16 and results.protocol["stock"] is False
     assert results.init_state_ids == {"libero_object/0": [0]}
@@ -107,14 +107,18 @@ def test_parallel_workers_run_every_episode(tmp_path):
 def test_paper_strategies_run_a_closed_loop_episode(tmp_path, name):
     from prunebench.closed_loop import evaluate
 
-    results = evaluate(short_run(tmp_path, strategy=name, config={}, max_steps=40), tmp_path / "r.json")
+    # ADP's trajectory gate depends on how this (untrained) model moves the arm; its gate logic is
+    # tested on hand-made trajectories in test_paper_strategies, here it runs ungated
+    config = {"gate": False} if name == "adp" else {}
+    results = evaluate(short_run(tmp_path, strategy=name, config=config, max_steps=40), tmp_path / "r.json")
     episode = results.episodes[0]
     assert episode.failure_reason == "timeout" and episode.n_queries >= 5
     assert all(q.dense_ms for q in episode.queries)
+    assert not all(q.dense for q in episode.queries)
     if name == "specprune-vla":
         assert not episode.queries[0].dense  # prunes from the first query
-    else:  # dense warm-up / first chunks, then pruned queries
-        assert episode.queries[0].dense and not all(q.dense for q in episode.queries)
+    if name == "vla-pruner":  # dense warm-up first
+        assert episode.queries[0].dense
 
 
 def test_scripted_expert_solves_a_sampled_scene_and_demos_resume(tmp_path):
@@ -137,3 +141,24 @@ def test_scripted_expert_solves_a_sampled_scene_and_demos_resume(tmp_path):
     assert int(demo["seed"]) == 0 and len(init_states("libero_object", 0)) == 50
     again = generate(cfg, tmp_path)  # resumes: nothing left to do
     assert again["tasks"]["0"] == {"demos": 1, "failed": 0} and demo_files(tmp_path) == [path]
+
+
+def test_closed_loop_compare_prints_one_row_per_strategy(tmp_path, capsys):
+    from prunebench.cli import main
+
+    out = tmp_path / "cmp"
+    code = main(["compare", "--suite", "libero_object", "--tasks", "0", "--episodes", "1",
+                 "--strategies", "random", "--keep-ratio", "0.5", "--render-quality", "fast",
+                 "--fast-reset", "-o", str(out)])
+    assert code == 0
+    table = capsys.readouterr().out
+    rows = [line.split() for line in table.splitlines() if line.startswith(("none ", "random "))]
+    assert [r[0] for r in rows] == ["none", "random"] and all(r[1] == "1" for r in rows)
+    assert sorted(p.name for p in out.iterdir()) == ["none.json", "random.json"]
+    from prunebench.results import read_eval_results
+
+    pruned = read_eval_results(out / "random.json")
+    assert pruned.overall.queries.mean_visual_tokens == 64.0  # half of the 128 visual tokens
+    assert pruned.overall.speedup_vs_dense is not None
+    # a non-empty results directory is never written into again
+    assert main(["compare", "--suite", "libero_object", "--tasks", "0", "-o", str(out)]) == 2

@@ -51,3 +51,4 @@ def test_missing_view_is_a_clear_error(tiny_model, obs):
 def test_bad_config_is_rejected():
     with pytest.raises(ValueError, match="patch_size"):
         MiniOFTConfig(image_size=30, patch_size=8)
+

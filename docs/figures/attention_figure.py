@@ -59,10 +59,11 @@ def main() -> None:
     parser.add_argument("--suite", default="libero_object")
     parser.add_argument("--task", type=int, default=0)
     parser.add_argument("--init-state", type=int, default=0)
+    parser.add_argument("--model", help="MiniOFT safetensors (default: the shipped policy)")
     parser.add_argument("--output", default=str(OUT))
     args = parser.parse_args()
 
-    model, info = load_model()
+    model, info = load_model(args.model)
     env = LiberoEnv(args.suite, args.task, render_quality="fast", hard_reset=False)
     state = env.reset(args.init_state)
     for _ in range(WAIT_STEPS):
@@ -70,17 +71,20 @@ def main() -> None:
     images = env.render()
     instructions = [env.task.instruction, other_instruction(args.suite, args.task, env)]
     views = model.cfg.views
-    fig, axes = plt.subplots(2, len(views), figsize=(4.2 * len(views), 8.4))
-    for row, text in enumerate(instructions):
-        att = text_attention(model, Observation(images, state.proprio, text))
+    maps = [text_attention(model, Observation(images, state.proprio, text)) for text in instructions]
+    rows = [(f'"{text.split(" and place")[0]}"', att, "magma") for text, att in zip(instructions, maps)]
+    rows.append(("first minus second (red: more for the first)", maps[0] - maps[1], "coolwarm"))
+    fig, axes = plt.subplots(len(rows), len(views), figsize=(4.2 * len(views), 4.2 * len(rows)))
+    for row, (title, att, cmap) in enumerate(rows):
         for col, view in enumerate(views):
             ax = axes[row, col]
             ax.imshow(images[view])
             size = images[view].shape[0]
-            ax.imshow(att[col], cmap="magma", alpha=0.55, extent=(0, size, size, 0),
-                      interpolation="nearest")
+            lim = np.abs(att[col]).max() if cmap == "coolwarm" else None
+            ax.imshow(att[col], cmap=cmap, alpha=0.55, extent=(0, size, size, 0), interpolation="nearest",
+                      vmin=-lim if lim else None, vmax=lim)
             ax.set_xticks([]), ax.set_yticks([])
-            ax.set_title(f"{view}: \"{text.split(' and place')[0]}\"", fontsize=10)
+            ax.set_title(f"{view}: {title}", fontsize=9)
     fig.suptitle(f"Task-word attention to visual tokens (mean over layers and heads)\n"
                  f"{args.suite} task {args.task}, official init state {args.init_state}; "
                  f"policy {Path(info['source']).name}", fontsize=11)

@@ -35,8 +35,8 @@ from prunebench.models.tokenizer import WordTokenizer
 
 
 class MiniOFTConfig(BaseModel):
-    """Sizes of the built-in model. The defaults are the shipped trained policy's (docs/policy.md):
-    small enough to train on 2 CPU cores in well under an hour, 64 visual tokens per view."""
+    """Sizes of the built-in model: small enough to train on 2 CPU cores in under an hour
+    (docs/policy.md), 64 visual tokens per view."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     views: tuple[str, ...] = ("agentview", "wrist")
@@ -213,6 +213,7 @@ class MiniOFT(nn.Module):
     def embed(self, images: torch.Tensor, proprio: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
         """Batched LLM input embeddings: images (B,V,3,S,S), proprio (B,8) normalised, prompt (B,P)."""
         b = images.shape[0]
+        images = (images - 0.5) / 0.25  # centred pixels: image content, not brightness, drives the stem
         patches = torch.cat([enc(images[:, i]) for i, enc in enumerate(self.encoders)], dim=1)
         visual = self.projector(patches)
         prop = self.proprio_projector(proprio).unsqueeze(1)
