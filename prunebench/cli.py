@@ -28,15 +28,15 @@ EPILOG = """examples:
 """
 
 
-def _output_path(given: str | None, default_stem: str, overwrite: bool) -> Path:
-    """Where to write results: never silently replaces an earlier results file."""
+def _stamp() -> str:
     import datetime as dt
 
-    if given:
-        path = Path(given)
-    else:
-        stamp = dt.datetime.now().strftime("%Y%m%dT%H%M%S")
-        path = Path("results") / f"{default_stem}_{stamp}.json"
+    return dt.datetime.now().strftime("%Y%m%dT%H%M%S")
+
+
+def _output_path(given: str | None, default_stem: str, overwrite: bool) -> Path:
+    """Where to write results: never silently replaces an earlier results file."""
+    path = Path(given) if given else Path("results") / f"{default_stem}_{_stamp()}.json"
     if path.exists() and not overwrite:
         raise PrunebenchError(f"{path} exists; choose another --output or pass --overwrite")
     return path
@@ -226,13 +226,10 @@ def _strategies_to_compare(names: list[str] | None, keep_ratio: float) -> dict[s
 
 
 def cmd_compare_libero(args) -> int:
-    import datetime as dt
-
     from prunebench.closed_loop import EvalConfig, evaluate
     from prunebench.compare import CLOSED_LOOP_COLUMNS, closed_loop_rows, format_table
 
-    stamp = dt.datetime.now().strftime("%Y%m%dT%H%M%S")
-    out_dir = Path(args.output or f"results/compare_{args.suite}_{stamp}")
+    out_dir = Path(args.output or f"results/compare_{args.suite}_{_stamp()}")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise PrunebenchError(f"{out_dir} exists and is not empty; choose another --output")
     results, files = {}, {}
@@ -317,9 +314,7 @@ def cmd_train(args) -> int:
 
     cfg = load_train_config(args.config, data=args.data, steps=args.steps, seed=args.seed,
                             batch_size=args.batch_size, threads=args.threads)
-    output = Path(args.output)
-    if output.exists() and not args.overwrite:
-        raise PrunebenchError(f"{output} exists; choose another --output or pass --overwrite")
+    output = _output_path(args.output, "policy", args.overwrite)
     summary = train(cfg, output, log=main_log)
     print(f"trained {summary['parameters']:,} parameters on {summary['demos']} demos "
           f"({summary['frames']} frames) in {summary['train_minutes']:.1f} min; "

@@ -412,24 +412,14 @@ def load_eval_config(path: str | None, **fields) -> EvalConfig:
 
 
 def print_summary(results: EvalResults, file=sys.stdout) -> None:
-    from prunebench.compare import format_table
+    from prunebench.compare import format_table, group_cells
 
-    rows = []
-    for key, group in list(results.per_task.items()) + [("overall", results.overall)]:
-        if group is None:
-            continue
-        q = group.queries
-        lo, hi = group.success_ci95
-        rows.append({"task": key, "episodes": group.n_episodes, "success": group.success_rate,
-                     "ci95": f"[{lo:.2f}, {hi:.2f}]", "steps": group.mean_steps,
-                     "query_ms": q.latency_ms["total"].median if q else float("nan"),
-                     "speedup": group.speedup_vs_dense["total"] if group.speedup_vs_dense else 1.0,
-                     "visual": q.mean_visual_tokens if q else float("nan"),
-                     "flops": q.mean_llm_flops / 1e9 if q else float("nan")})
-    columns = [("task", "task", ""), ("episodes", "episodes", "d"), ("success", "success", ".2f"),
-               ("ci95", "95% CI", ""), ("steps", "mean steps", ".1f"), ("query_ms", "query ms", ".2f"),
-               ("speedup", "speedup vs dense", ".2f"), ("visual", "visual tok", ".1f"),
-               ("flops", "LLM GFLOPs", ".3f")]
+    groups = list(results.per_task.items()) + [("overall", results.overall)]
+    rows = [{"task": key, **group_cells(group)} for key, group in groups if group is not None]
+    columns = [("task", "task", ""), ("episodes", "episodes", "d"), ("success_rate", "success", ".2f"),
+               ("success_ci95", "95% CI", ""), ("mean_steps", "mean steps", ".1f"),
+               ("median_query_ms", "query ms", ".2f"), ("speedup_vs_dense", "speedup vs dense", ".2f"),
+               ("mean_visual_tokens", "visual tok", ".1f"), ("llm_gflops", "LLM GFLOPs", ".3f")]
     print(format_table(rows, columns), file=file)
     print(f"{len(results.episodes)} episodes in {results.eval_s:.0f} s "
           f"({results.episodes_per_hour:.0f} episodes/hour)", file=file)

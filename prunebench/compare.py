@@ -6,7 +6,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from prunebench.engine import QueryResult
-from prunebench.results import EvalResults
+from prunebench.results import EvalResults, GroupResult
 
 
 class ComparisonRow(BaseModel):
@@ -75,19 +75,25 @@ class ClosedLoopRow(BaseModel):
     results_file: str
 
 
+def group_cells(group: GroupResult) -> dict:
+    """The table cells of a group of episodes (a task, a suite, a run), shared by every table."""
+    q = group.queries
+    lo, hi = group.success_ci95
+    nan = float("nan")
+    return {"episodes": group.n_episodes, "success_rate": group.success_rate,
+            "success_ci95": f"[{lo:.2f}, {hi:.2f}]", "mean_steps": group.mean_steps,
+            "median_query_ms": q.latency_ms["total"].median if q else nan,
+            "mean_query_ms": q.latency_ms["total"].mean if q else nan,
+            "speedup_vs_dense": group.speedup_vs_dense["total"] if group.speedup_vs_dense else 1.0,
+            "mean_visual_tokens": q.mean_visual_tokens if q else nan,
+            "llm_gflops": q.mean_llm_flops / 1e9 if q else nan}
+
+
 def closed_loop_rows(results: dict[str, EvalResults], files: dict[str, str]) -> list[ClosedLoopRow]:
-    rows = []
-    for name, res in results.items():
-        group = res.overall
-        q = group.queries
-        lo, hi = group.success_ci95
-        rows.append(ClosedLoopRow(
-            strategy=name, episodes=group.n_episodes, success_rate=group.success_rate,
-            success_ci95=f"[{lo:.2f}, {hi:.2f}]", mean_query_ms=q.latency_ms["total"].mean,
-            speedup_vs_dense=group.speedup_vs_dense["total"] if group.speedup_vs_dense else 1.0,
-            mean_visual_tokens=q.mean_visual_tokens, llm_gflops=q.mean_llm_flops / 1e9,
-            results_file=files[name]))
-    return rows
+    fields = ClosedLoopRow.model_fields
+    return [ClosedLoopRow(strategy=name, results_file=files[name],
+                          **{k: v for k, v in group_cells(res.overall).items() if k in fields})
+            for name, res in results.items()]
 
 
 CLOSED_LOOP_COLUMNS = [

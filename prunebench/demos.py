@@ -18,6 +18,7 @@ import os
 import sys
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -43,7 +44,7 @@ class DemoConfig(BaseModel):
     noisy_fraction: float = Field(0.75, ge=0, le=1)  # share of demos with noise (rest are clean)
     render_every: int = Field(3, ge=1)  # camera frames every k-th step (training samples)
     camera_size: int = Field(128, ge=16)
-    render_quality: str = "fast"
+    render_quality: Literal["stock", "fast"] = "fast"
     seed_offset: int = Field(0, ge=0)
     workers: int = Field(2, ge=1)
 

@@ -7,8 +7,9 @@ drives a P-controller on the end-effector position and never rotates (libero.md 
     -> lower -> open
 
 The grasp height is ``max(top of the object's collision geoms - GRASP_DEPTH, object origin z)``, so
-tall bottles are grasped below their cap instead of pushed over. Flat objects (cream cheese) are
-grasped with the fingers turned across the object's short side and pushed down to the table.
+tall bottles are grasped below their cap instead of pushed over. For flat objects (cream cheese,
+butter) the grasp target lies below what the fingers reach, so they are pushed down to the table
+and close after at most ``DESCEND_STEPS``.
 
 The expert is only used to make training demonstrations; evaluation never sees it.
 """
@@ -32,20 +33,12 @@ OPEN_STEPS = 10
 REACHED = 0.01  # m
 
 
-def _axis_angle_z(quat_xyzw: np.ndarray) -> float:
-    """Yaw (rad) of a body's x axis in the world frame."""
-    x, y, z, w = quat_xyzw
-    return float(np.arctan2(2 * (w * z + x * y), 1 - 2 * (y * y + z * z)))
-
-
 class PickPlaceExpert:
     """Closed-loop scripted expert: ``act()`` reads the current state and returns the intended action.
 
     Being closed-loop, it also tells how to *recover* from a perturbed state, which is what the
     DART-style noisy demonstrations record.
     """
-
-    PHASES = ("approach", "descend", "close", "lift", "carry", "lower", "open", "done")
 
     def __init__(self, env: LiberoEnv) -> None:
         goal = env.env.env.parsed_problem["goal_state"]

@@ -80,10 +80,9 @@ def load_samples(files: list[Path], model: MiniOFT) -> Samples:
         with np.load(path) as d:
             steps, actions = d["frame_steps"], d["actions"]
             x = torch.as_tensor(d["images"]).permute(0, 1, 4, 2, 3)  # (R, V, 3, H, W)
-            if x.shape[-1] != size:  # the model's own preprocessing, once per frame
+            if x.shape[-1] != size:  # the model's own resize, once per frame, stored as uint8
                 r, v = x.shape[:2]
-                x = F.interpolate(x.flatten(0, 1).float() / 255, size=(size, size), mode="bilinear",
-                                  antialias=True, align_corners=False).clamp(0, 1)
+                x = model.resize(x.flatten(0, 1).float() / 255)
                 x = (x * 255).round().to(torch.uint8).reshape(r, v, 3, size, size)
             images.append(x)
             proprio.append(d["proprio"][steps])
@@ -95,12 +94,15 @@ def load_samples(files: list[Path], model: MiniOFT) -> Samples:
                    np.concatenate(demo))
 
 
-def bounds(values: np.ndarray, neutral_span: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-dimension q01/q99; a dimension whose span is below ``neutral_span`` gets q01 = q99 =
-    median, which the model treats as neutral (input 0, output that constant)."""
+def bounds(values: np.ndarray, neutral_span: float,
+           neutral: list[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension q01/q99; a dimension whose span is below ``neutral_span``, or listed in
+    ``neutral``, gets q01 = q99 = median, which the model treats as neutral (input 0, output
+    that constant)."""
     q01, q99 = np.quantile(values, 0.01, axis=0), np.quantile(values, 0.99, axis=0)
     med = np.median(values, axis=0)
     flat = (q99 - q01) < neutral_span
+    flat[list(neutral)] = True
     q01, q99 = np.where(flat, med, q01), np.where(flat, med, q99)
     return torch.tensor(q01, dtype=torch.float32), torch.tensor(q99, dtype=torch.float32)
 
@@ -140,16 +142,7 @@ def batches(samples: Samples, indices: np.ndarray, batch_size: int, rng: np.rand
 def forward(model: MiniOFT, images: torch.Tensor, proprio: torch.Tensor,
             prompt: torch.Tensor) -> torch.Tensor:
     """Batched dense forward (the same computation as ``MiniOFT.predict``): normalised (B, 8, 7)."""
-    embeds = model.embed(images, proprio, prompt)
-    hidden = model.llm(inputs_embeds=embeds).last_hidden_state
-    layout = model.layout_for(prompt.shape[1])
-    return model.head(hidden[:, layout.readout_slots()])
-
-
-def _unit(x: torch.Tensor, q01: torch.Tensor, q99: torch.Tensor) -> torch.Tensor:
-    from prunebench.models.mini_oft import _to_unit
-
-    return _to_unit(x, q01, q99)
+    return model.dense_actions(model.embed(images, proprio, prompt), model.layout_for(prompt.shape[1]))
 
 
 def _lr(step: int, cfg: TrainConfig) -> float:
@@ -162,12 +155,12 @@ def _lr(step: int, cfg: TrainConfig) -> float:
 def _batch_tensors(model, samples: Samples, idx: np.ndarray, cfg: TrainConfig, gen, train: bool):
     images = samples.images[torch.as_tensor(idx)]
     images = augment(images, cfg, gen) if train else images.float() / 255
-    proprio = _unit(torch.as_tensor(samples.proprio[idx]), model.proprio_q01, model.proprio_q99)
+    proprio = model.normalize_proprio(samples.proprio[idx])
     if train and cfg.proprio_noise:
         proprio = proprio + cfg.proprio_noise * torch.randn(proprio.shape, generator=gen)
         proprio = torch.where(model.proprio_q99 == model.proprio_q01, torch.zeros_like(proprio), proprio)
     prompt = torch.tensor([samples.prompt[i] for i in idx])
-    target = _unit(torch.as_tensor(samples.chunks[idx]), model.action_q01, model.action_q99)
+    target = model.normalize_actions(samples.chunks[idx])
     return images, proprio, prompt, target
 
 
@@ -208,9 +201,7 @@ def train(cfg: TrainConfig, output: str | Path, log=print) -> dict:
     train_idx, val_idx = np.flatnonzero(~is_val), np.flatnonzero(is_val)
     q01, q99 = bounds(samples.chunks[train_idx].reshape(-1, samples.chunks.shape[-1]), cfg.neutral_span)
     model.action_q01.copy_(q01), model.action_q99.copy_(q99)
-    q01, q99 = bounds(samples.proprio[train_idx], cfg.neutral_span)
-    forced = torch.tensor(np.median(samples.proprio[train_idx], axis=0), dtype=torch.float32)
-    q01[cfg.neutral_proprio] = q99[cfg.neutral_proprio] = forced[cfg.neutral_proprio]
+    q01, q99 = bounds(samples.proprio[train_idx], cfg.neutral_span, cfg.neutral_proprio)
     model.proprio_q01.copy_(q01), model.proprio_q99.copy_(q99)
     neutral_actions = (model.action_q99 == model.action_q01).nonzero().flatten().tolist()
     neutral_proprio = (model.proprio_q99 == model.proprio_q01).nonzero().flatten().tolist()
@@ -252,11 +243,8 @@ def _save(model: MiniOFT, output: str | Path, summary: dict) -> None:
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".tmp")
-    was_training = model.training
-    model.eval()
     model.save(tmp, extra={"training": summary})
     tmp.replace(output)
-    model.train(was_training)
 
 
 def load_train_config(path: str | None, **fields) -> TrainConfig:

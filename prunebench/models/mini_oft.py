@@ -193,15 +193,23 @@ class MiniOFT(nn.Module):
         if missing:
             raise ValueError(f"observation.images lacks view(s) {missing}; model expects {self.cfg.views}")
         x = torch.stack([torch.as_tensor(np.ascontiguousarray(obs.images[v])) for v in self.cfg.views])
-        x = x.permute(0, 3, 1, 2).float() / 255.0
-        if x.shape[-1] != self.cfg.image_size or x.shape[-2] != self.cfg.image_size:
-            x = F.interpolate(x, size=(self.cfg.image_size,) * 2, mode="bilinear", antialias=True,
-                              align_corners=False).clamp(0, 1)
-        return x
+        return self.resize(x.permute(0, 3, 1, 2).float() / 255.0)
+
+    def resize(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) floats in [0, 1] -> the model's resolution (antialiased bilinear)."""
+        if images.shape[-1] == self.cfg.image_size and images.shape[-2] == self.cfg.image_size:
+            return images
+        return F.interpolate(images, size=(self.cfg.image_size,) * 2, mode="bilinear", antialias=True,
+                             align_corners=False).clamp(0, 1)
 
     def normalize_proprio(self, proprio: np.ndarray | torch.Tensor) -> torch.Tensor:
         p = torch.as_tensor(np.asarray(proprio, dtype=np.float32))
         return _to_unit(p, self.proprio_q01, self.proprio_q99)
+
+    def normalize_actions(self, actions: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Raw actions -> the head's [-1, 1] targets (training); inverse of unnormalize_actions."""
+        a = torch.as_tensor(np.asarray(actions, dtype=np.float32))
+        return _to_unit(a, self.action_q01, self.action_q99)
 
     def layout_for(self, n_prompt: int) -> TokenLayout:
         g = self.cfg.grid
@@ -240,6 +248,11 @@ class MiniOFT(nn.Module):
         return x.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3 * p * p)
 
     # ------------------------------------------------------------------ post-LLM
+    def dense_actions(self, embeds: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """Normalised (B, 8, 7) actions of a batch through ``LlamaModel.forward``, no pruning."""
+        hidden = self.llm(inputs_embeds=embeds).last_hidden_state
+        return self.head(hidden[:, layout.readout_slots()])
+
     def head(self, readout: torch.Tensor) -> torch.Tensor:
         """(B, 56, D) hidden states -> (B, 8, 7) normalised actions."""
         b = readout.shape[0]
@@ -254,9 +267,7 @@ class MiniOFT(nn.Module):
     def predict(self, obs: Observation) -> torch.Tensor:
         """The model's own dense forward through ``LlamaModel.forward`` (reference for the engine)."""
         enc = self.encode(obs)
-        hidden = self.llm(inputs_embeds=enc.embeds).last_hidden_state
-        readout = hidden[:, enc.layout.readout_slots()]
-        return self.unnormalize_actions(self.head(readout))[0]
+        return self.unnormalize_actions(self.dense_actions(enc.embeds, enc.layout))[0]
 
 
 def make_bidirectional(llm: LlamaModel) -> None:
