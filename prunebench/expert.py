@@ -31,6 +31,9 @@ LIFT_Z = 0.30
 PLACE_Z = 0.24
 OPEN_STEPS = 10
 REACHED = 0.01  # m
+STALL = 0.002  # m: a descent that moves less than this in STALL_STEPS steps is blocked
+STALL_STEPS = 3
+MIN_SPEED = 0.2  # action units: no slow exponential creep at the end of a move
 
 
 class PickPlaceExpert:
@@ -48,6 +51,7 @@ class PickPlaceExpert:
         self.obj = goal[0][1]
         self.target = goal[0][2].removesuffix("_contain_region")
         self.phase, self.timer = "approach", 0
+        self._heights: list[float] = []  # eef z during the descent, to detect a blocked one
         model = env.sim.model._model
         self._geoms = [g for g in range(model.ngeom) if model.geom_contype[g] != 0
                        and model.body(model.geom_bodyid[g]).name.startswith(self.obj)]
@@ -66,11 +70,14 @@ class PickPlaceExpert:
             tops.append(data.geom_xpos[g][2] + np.abs(rot[2]) @ half)
         return max(tops) if tops else float(self._obs(f"{self.obj}_pos")[2])
 
+    def _flat(self) -> bool:
+        return self._object_top() - self._obs(f"{self.obj}_pos")[2] < FLAT
+
     def _grasp_point(self) -> np.ndarray:
         pos = self._obs(f"{self.obj}_pos")
         top = self._object_top()
         z = max(top - GRASP_DEPTH, pos[2])
-        if top - pos[2] < FLAT:
+        if self._flat():
             z = pos[2] - 0.02  # push the fingers down to the table around a flat object
         return np.array([pos[0], pos[1], z])
 
@@ -81,13 +88,18 @@ class PickPlaceExpert:
         target = eef
         if self.phase == "approach":
             target = self._grasp_point() + [0, 0, APPROACH_HEIGHT]
-            if np.linalg.norm(target - eef) < REACHED:
-                self.phase, self.timer = "descend", 0
+            # descend once above the object, without first hovering to a stop at approach height
+            if np.linalg.norm((target - eef)[:2]) < REACHED and abs(target[2] - eef[2]) < 3 * REACHED:
+                self.phase, self.timer, self._heights = "descend", 0, []
         if self.phase == "descend":
             target = self._grasp_point()
             self.timer += 1
-            # a flat object's grasp point lies below what the fingers reach: stop after a while
-            if np.linalg.norm(target - eef) < REACHED or self.timer >= DESCEND_STEPS:
+            self._heights.append(eef[2])
+            # close at grasp height, or where the fingers are blocked (a flat object's grasp point
+            # lies below what they reach; a policy that overshoots sees the same rule in the data)
+            blocked = (not self._flat() and len(self._heights) > STALL_STEPS
+                       and self._heights[-STALL_STEPS - 1] - eef[2] < STALL)
+            if eef[2] - target[2] < REACHED or blocked or self.timer >= DESCEND_STEPS:
                 self.phase, self.timer = "close", 0
         if self.phase == "close":
             target, grip = self._grasp_point(), 1.0
@@ -113,6 +125,16 @@ class PickPlaceExpert:
             if self.timer >= OPEN_STEPS:
                 self.phase = "done"
         action = np.zeros(7)
-        action[:3] = np.clip(GAIN * (target - eef), -1, 1)
+        # closing: plain P-control keeps the fingers pressed gently around the object
+        action[:3] = self._move(target - eef, floor=0.0 if self.phase == "close" else MIN_SPEED)
         action[6] = grip
         return action
+
+    @staticmethod
+    def _move(error: np.ndarray, floor: float) -> np.ndarray:
+        """P-control with a floor on the speed (until within REACHED), each axis clipped to 1."""
+        distance = np.linalg.norm(error)
+        if distance < REACHED:
+            return np.clip(GAIN * error, -1, 1)
+        speed = max(GAIN * distance, floor)
+        return np.clip(error / distance * speed, -1, 1)

@@ -52,6 +52,9 @@ class TrainConfig(BaseModel):
     # proprio inputs forced neutral: the axis-angle (3..5) only drifts, as the expert never rotates,
     # and an out-of-distribution drift at eval time must not steer the policy
     neutral_proprio: list[int] = Field(default_factory=lambda: [3, 4, 5])
+    # frames whose target chunk opens or closes the gripper are drawn this many times as often:
+    # the few frames where the gripper must switch decide the task (one close, one open per demo)
+    switch_weight: float = Field(3.0, ge=1)
     val_fraction: float = Field(0.05, ge=0, lt=1)  # demos held out for validation
     eval_every: int = Field(250, ge=1)
     threads: int = Field(2, ge=1)
@@ -125,17 +128,27 @@ def augment(images: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> tor
     return x.clamp(0, 1).reshape(b, v, c, s, s)
 
 
-def batches(samples: Samples, indices: np.ndarray, batch_size: int, rng: np.random.Generator):
-    """Endless random batches; one batch never mixes prompt lengths (no padding, as at inference)."""
+def switch_weights(samples: Samples, weight: float) -> np.ndarray:
+    """Sampling weight per frame: ``weight`` where the target chunk switches the gripper, else 1."""
+    gripper = samples.chunks[..., -1]
+    switches = (gripper != gripper[:, :1]).any(axis=1)
+    return np.where(switches, weight, 1.0)
+
+
+def batches(samples: Samples, indices: np.ndarray, batch_size: int, rng: np.random.Generator,
+            weights: np.ndarray | None = None):
+    """Endless random batches, frames drawn in proportion to ``weights`` (default uniform); one batch
+    never mixes prompt lengths (no padding, as at inference)."""
+    weights = np.ones(len(samples)) if weights is None else weights
     by_length: dict[int, np.ndarray] = {}
     for n in sorted({len(samples.prompt[i]) for i in indices}):
         by_length[n] = np.array([i for i in indices if len(samples.prompt[i]) == n])
     lengths = list(by_length)
-    weights = np.array([len(by_length[n]) for n in lengths], dtype=float)
+    totals = np.array([weights[by_length[n]].sum() for n in lengths])
     while True:
-        n = lengths[rng.choice(len(lengths), p=weights / weights.sum())]
-        pool = by_length[n]
-        yield pool[rng.integers(0, len(pool), min(batch_size, len(pool)))]
+        pool = by_length[lengths[rng.choice(len(lengths), p=totals / totals.sum())]]
+        p = weights[pool] / weights[pool].sum()
+        yield pool[rng.choice(len(pool), min(batch_size, len(pool)), p=p)]
 
 
 # --------------------------------------------------------------------------- model pieces
@@ -209,7 +222,8 @@ def train(cfg: TrainConfig, output: str | Path, log=print) -> dict:
 
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    history, stream = [], batches(samples, train_idx, cfg.batch_size, rng)
+    stream = batches(samples, train_idx, cfg.batch_size, rng, switch_weights(samples, cfg.switch_weight))
+    history = []
     t_train, running = time.perf_counter(), []
     for step in range(cfg.steps):
         for group in opt.param_groups:
