@@ -23,6 +23,8 @@ EPILOG = """examples:
   prunebench replay results/streams --strategy fastv --set keep_ratio=0.25
                                            action error vs dense on recorded LIBERO streams
   prunebench suites                        LIBERO suites, their tasks and stock max steps
+  prunebench study run studies/object_pareto.yaml && prunebench plot studies/object_pareto.yaml
+                                           an Optuna Pareto search over strategy configs, its plots
   prunebench demos && prunebench train -o policy.safetensors
                                            make expert demos and train the built-in policy
 """
@@ -445,6 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("synthetic stream")
     g.add_argument("--queries", type=int, default=24)
     p.set_defaults(func=cmd_compare)
+
+    from prunebench.cli_study import add_parsers
+
+    add_parsers(sub)
     return parser
 
 

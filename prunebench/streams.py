@@ -43,6 +43,11 @@ class SyntheticStream:
     views: tuple[str, ...] = ("agentview", "wrist")
     instruction: str = INSTRUCTIONS[0]
 
+    @property
+    def history_frames(self) -> int:
+        """Frames before every query: one per env step of the chunk before it."""
+        return self.chunk - 1
+
     def describe(self) -> dict:
         return {"kind": "synthetic", "n_queries": self.n_queries, "seed": self.seed,
                 "image_size": self.image_size, "chunk": self.chunk, "instruction": self.instruction}

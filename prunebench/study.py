@@ -1,0 +1,550 @@
+"""Optuna studies: multi-objective searches over strategy configs, for accuracy-latency Pareto fronts.
+
+A study definition (YAML/JSON, :class:`StudyDefinition`) names the strategies, how one trial is
+evaluated (closed-loop LIBERO, replay of recorded streams, or a synthetic stream for smoke tests),
+the objectives, constraints, sampler and seed. Every strategy gets its own Optuna study
+``<name>/<strategy>`` in one storage, plus ``<name>/none``: the dense baseline, one trial, run first.
+A strategy's own ``Config.search_space(trial)`` proposes its configs; the definition can narrow a
+parameter's range (``space``), hold it at a value (``fixed``), hold config fields (``config``) and
+add parameter sets to evaluate first (``enqueue``, after the paper defaults).
+
+Storage (an existing engine, not ours): ``sqlite:///file.db`` (default, resumable), ``journal:file``
+(Optuna's journal file: several processes on one host), ``postgresql://...`` (several machines).
+RDB storages run a heartbeat: a trial whose worker died (SIGKILL, lost machine) is marked FAIL after
+``grace_s`` and retried, as is a trial that raised. Several workers can run ``study run`` on one
+definition at once; each stops when its strategy has ``trials`` complete trials, so at most
+``workers - 1`` extra trials can finish. A parameter set already evaluated is not evaluated again:
+the trial reuses the earlier measurement (``duplicate_of``).
+
+Each trial's full results file lands in ``<results_dir>/<strategy>/trial_<n>.json``; the trial's
+user attributes hold its metrics (see :data:`METRICS`), config, worker and results path.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import optuna
+from optuna.trial import TrialState
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from prunebench.config import load_config, one_line
+from prunebench.errors import PrunebenchError
+
+DENSE = "none"
+MODES = ("closed_loop", "replay", "synthetic")
+# objective -> (direction, evaluation modes that measure it, meaning)
+OBJECTIVES: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "success_rate": ("maximize", ("closed_loop",), "closed-loop success rate"),
+    "latency_ms": ("minimize", MODES, "mean query latency, ms (scoring and pruning included)"),
+    "speedup": ("maximize", MODES, "median dense / median pruned query time, same process"),
+    "action_error": ("minimize", MODES, "mean |a - a_dense| per query, unnormalised"),
+    "gflops": ("minimize", MODES, "mean LLM GFLOPs per query"),
+}
+METRICS = ("success_rate", "success_ci95", "n_episodes", "latency_ms", "speedup", "action_error",
+           "gflops", "visual_tokens", "keep_ratio", "latency_breakdown_ms")
+
+
+# --------------------------------------------------------------------------- definition
+class Evaluation(BaseModel):
+    """How one trial is measured. The init states, episodes and seeds are the same for every trial."""
+
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["closed_loop", "replay", "synthetic"] = "closed_loop"
+    model: str | None = None  # weights; None = the built-in model
+    # closed_loop: EvalConfig fields (suite, tasks, episodes, first_init_state, render_quality, ...)
+    closed_loop: dict[str, Any] = Field(default_factory=dict)
+    streams: list[str] = Field(default_factory=list)  # replay: stream files or directories
+    queries: int = Field(16, ge=1)  # synthetic: queries per trial (smoke tests, no simulator)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Evaluation":
+        if self.mode == "replay" and not self.streams:
+            raise ValueError("mode replay needs streams (record them with prunebench run --record-dir)")
+        if self.closed_loop:
+            self.eval_config(DENSE, {}, 0)  # validates the fields now, not at the first trial
+        return self
+
+    def eval_config(self, strategy: str, config: dict, seed: int):
+        from prunebench.closed_loop import EvalConfig
+
+        taken = {"strategy", "config", "seed", "model"} & set(self.closed_loop)
+        if taken:
+            raise ValueError(f"closed_loop.{sorted(taken)[0]} is set by the study, not here")
+        try:
+            return EvalConfig(strategy=strategy, config=config, seed=seed, model=self.model, **self.closed_loop)
+        except ValidationError as err:
+            raise ValueError(one_line(err, "closed_loop.")) from None
+
+
+class StrategySearch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    trials: int | None = Field(None, ge=1)  # complete trials wanted; None = the study's ``trials``
+    config: dict[str, Any] = Field(default_factory=dict)  # config fields held fixed, not searched
+    space: dict[str, list] = Field(default_factory=dict)  # parameter -> [low, high] or choices
+    fixed: dict[str, Any] = Field(default_factory=dict)  # parameter -> value, not searched
+    enqueue: list[dict[str, Any]] = Field(default_factory=list)  # parameter sets evaluated first
+
+
+class Constraints(BaseModel):
+    """Feasibility of a trial (Optuna's ``trial.set_constraint``: a value <= 0 is feasible)."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_success_drop: float | None = Field(None, ge=0, le=1)  # vs the dense baseline, as a fraction
+    max_action_error: float | None = Field(None, ge=0)
+
+
+class ValidateFront(BaseModel):
+    """Multi-fidelity: after the search, evaluate each strategy's front in closed loop."""
+
+    model_config = ConfigDict(extra="forbid")
+    closed_loop: dict[str, Any] = Field(default_factory=dict)  # EvalConfig fields, as in Evaluation
+
+
+class StudyDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    storage: str | None = None  # default sqlite:///<results_dir>/study.db
+    results_dir: str | None = None  # default results/studies/<name>
+    strategies: dict[str, StrategySearch]
+    trials: int = Field(20, ge=1)
+    evaluation: Evaluation = Field(default_factory=Evaluation)
+    objectives: list[str] = Field(default_factory=lambda: ["success_rate", "latency_ms"], min_length=1)
+    constraints: Constraints = Field(default_factory=Constraints)
+    sampler: Literal["tpe", "nsga2", "gp"] = "tpe"
+    sampler_options: dict[str, Any] = Field(default_factory=dict)  # keyword arguments of the sampler
+    seed: int = 0
+    heartbeat_s: int = Field(30, ge=1)  # RDB storages: a live trial's heartbeat period
+    grace_s: int = Field(120, ge=2)  # ... and how long without one before it counts as dead
+    max_retry: int = Field(2, ge=0)  # retries of a failed or dead trial
+    poll_s: float = Field(2.0, gt=0)  # a worker waiting for another's trials checks this often
+    validate_front: ValidateFront | None = None
+
+    @field_validator("strategies")
+    @classmethod
+    def _known_strategies(cls, value: dict[str, StrategySearch]) -> dict[str, StrategySearch]:
+        from prunebench.plugins import MANAGER
+
+        installed = MANAGER.strategies()
+        for name, search in value.items():
+            if name not in installed:
+                raise ValueError(f"{name}: unknown strategy (installed: {', '.join(installed)})")
+            _check_search(name, search)
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> "StudyDefinition":
+        for name in self.objectives:
+            if name not in OBJECTIVES:
+                raise ValueError(f"objectives: unknown {name!r} (choose from {', '.join(OBJECTIVES)})")
+            if self.evaluation.mode not in OBJECTIVES[name][1]:
+                raise ValueError(f"objectives: {name} is not measured in mode {self.evaluation.mode}")
+        if len(set(self.objectives)) != len(self.objectives):
+            raise ValueError("objectives has duplicates")
+        if self.constraints.max_success_drop is not None and self.evaluation.mode != "closed_loop":
+            raise ValueError("constraints.max_success_drop needs evaluation.mode closed_loop")
+        if self.validate_front is not None:
+            Evaluation(mode="closed_loop", closed_loop=self.validate_front.closed_loop)
+        return self
+
+    @property
+    def directions(self) -> list[str]:
+        return [OBJECTIVES[o][0] for o in self.objectives]
+
+    @property
+    def results_path(self) -> Path:
+        return Path(self.results_dir or f"results/studies/{self.name}")
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{self.results_path / 'study.db'}"
+
+    def searched(self) -> list[str]:
+        """Strategy studies in run order: the dense baseline first."""
+        return [DENSE] + [s for s in self.strategies if s != DENSE]
+
+    def target(self, strategy: str) -> int:
+        if strategy == DENSE:
+            return 1
+        return self.strategies[strategy].trials or self.trials
+
+    def search(self, strategy: str) -> StrategySearch:
+        return self.strategies.get(strategy) or StrategySearch()
+
+
+def load_study_definition(path: str | Path) -> StudyDefinition:
+    """A study definition from YAML/JSON, with a one-line error naming the field at fault."""
+    return load_config(StudyDefinition, path)
+
+
+# --------------------------------------------------------------------------- search spaces
+class SearchTrial:
+    """What a strategy's ``search_space`` sees: an Optuna trial with the study's narrowed ranges
+    (``space``) and held parameters (``fixed``). Without a trial it records the parameters instead."""
+
+    def __init__(self, trial: optuna.Trial | None, space: dict[str, list], fixed: dict[str, Any]) -> None:
+        self.trial, self.space, self.fixed = trial, space, fixed
+        self.seen: dict[str, tuple[str, Any]] = {}  # parameter -> (kind, range or choices)
+
+    def _suggest(self, kind: str, name: str, bounds, **kw):
+        bounds = list(self.space.get(name, bounds))
+        self.seen[name] = (kind, bounds)
+        if name in self.fixed:
+            return self.fixed[name]
+        if self.trial is None:
+            return bounds[0]
+        if kind == "categorical":
+            return self.trial.suggest_categorical(name, bounds)
+        suggest = self.trial.suggest_float if kind == "float" else self.trial.suggest_int
+        return suggest(name, bounds[0], bounds[1], **kw)
+
+    def suggest_float(self, name: str, low: float, high: float, **kw) -> float:
+        return self._suggest("float", name, (low, high), **kw)
+
+    def suggest_int(self, name: str, low: int, high: int, **kw) -> int:
+        return self._suggest("int", name, (low, high), **kw)
+
+    def suggest_categorical(self, name: str, choices):
+        return self._suggest("categorical", name, tuple(choices))
+
+
+def parameters(strategy: str) -> dict[str, tuple[str, list]]:
+    """The parameters a strategy's search space suggests: name -> (kind, range or choices)."""
+    from prunebench.plugins import MANAGER
+
+    recorder = SearchTrial(None, {}, {})
+    MANAGER.get(strategy).Config.search_space(recorder)
+    return recorder.seen
+
+
+def _check_search(name: str, search: StrategySearch) -> None:
+    from prunebench.plugins import MANAGER
+
+    cls = MANAGER.get(name).Config
+    try:
+        cls(**search.config)
+    except ValidationError as err:
+        raise ValueError(one_line(err, f"{name}.config.")) from None
+    known = parameters(name)
+    for field in ("space", "fixed"):
+        for param in getattr(search, field):
+            if param not in known:
+                raise ValueError(f"{name}.{field}: {param!r} is not a parameter of {name}'s search "
+                                 f"space ({', '.join(known) or 'none'})")
+    for param, bounds in search.space.items():
+        kind = known[param][0]
+        if kind != "categorical" and (len(bounds) != 2 or bounds[0] > bounds[1]):
+            raise ValueError(f"{name}.space.{param}: give [low, high]")
+
+
+def strategy_config(strategy: str, search: StrategySearch, trial: optuna.Trial | None):
+    """The strategy's Config for a trial: its search space, narrowed, plus the held config fields."""
+    from prunebench.plugins import MANAGER
+
+    cls = MANAGER.get(strategy).Config
+    proposed = cls.search_space(SearchTrial(trial, search.space, search.fixed)) if trial else cls()
+    return cls(**{**proposed.model_dump(), **search.config})
+
+
+def default_params(strategy: str, search: StrategySearch) -> dict[str, Any]:
+    """The paper defaults as trial parameters: a parameter named like a config field, in range."""
+    from prunebench.plugins import MANAGER
+
+    defaults = MANAGER.get(strategy).Config().model_dump()
+    out = {}
+    for name, (kind, bounds) in parameters(strategy).items():
+        bounds = search.space.get(name, bounds)
+        value = defaults.get(name)
+        if name in search.fixed or value is None:
+            continue
+        if (kind == "categorical" and value in bounds) or (
+                kind != "categorical" and not isinstance(value, (bool, str, tuple, list))
+                and bounds[0] <= value <= bounds[1]):
+            out[name] = value
+    return out
+
+
+# --------------------------------------------------------------------------- storage
+def open_storage(defn: StudyDefinition):
+    """Optuna storage for ``defn.storage_url`` (sqlite://, postgresql://, journal:<file>)."""
+    from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+    from optuna.storages.journal import JournalFileBackend
+
+    url = defn.storage_url
+    if url.startswith("journal:"):
+        path = Path(url.removeprefix("journal:"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    engine_kwargs = {}
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        engine_kwargs = {"connect_args": {"timeout": 60}}  # several local workers wait, not fail
+    try:
+        with warnings.catch_warnings():  # the heartbeat is marked experimental; it is what we need
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=defn.heartbeat_s,
+                              grace_period=defn.grace_s, heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                                  max_retry=defn.max_retry))
+    except Exception as err:  # noqa: BLE001 - a bad URL or unreachable server: one line, not a trace
+        raise PrunebenchError(f"storage {url}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+
+
+def _sampler(defn: StudyDefinition, index: int):
+    seed = defn.seed + 1000 * index  # one stream per strategy, reproducible
+    cls = {"tpe": optuna.samplers.TPESampler, "nsga2": optuna.samplers.NSGAIISampler,
+           "gp": optuna.samplers.GPSampler}[defn.sampler]
+    try:
+        return cls(seed=seed, **defn.sampler_options)
+    except TypeError as err:
+        raise PrunebenchError(f"sampler_options: {err}") from None
+
+
+def study_name(defn: StudyDefinition, strategy: str) -> str:
+    return f"{defn.name}/{strategy}"
+
+
+def open_study(defn: StudyDefinition, strategy: str, storage=None) -> optuna.Study:
+    storage = storage or open_storage(defn)
+    study = optuna.create_study(storage=storage, study_name=study_name(defn, strategy),
+                                directions=defn.directions, load_if_exists=True,
+                                sampler=_sampler(defn, defn.searched().index(strategy)))
+    if list(study.directions) != [optuna.study.StudyDirection[d.upper()] for d in defn.directions]:
+        raise PrunebenchError(f"study {study.study_name} in {defn.storage_url} has other objectives; "
+                              "give the definition another name")
+    if study.metric_names != defn.objectives:
+        study.set_metric_names(defn.objectives)
+    return study
+
+
+def load_studies(defn: StudyDefinition) -> dict[str, optuna.Study]:
+    """The strategy studies that exist in the storage (reading only)."""
+    storage = open_storage(defn)
+    names = {s.study_name for s in optuna.get_all_study_summaries(storage)}
+    return {s: optuna.load_study(study_name=study_name(defn, s), storage=storage)
+            for s in defn.searched() if study_name(defn, s) in names}
+
+
+# --------------------------------------------------------------------------- evaluation
+class TrialFailed(Exception):
+    """An evaluation error that fails one trial (retried), unlike a usage error, which stops."""
+
+
+class Evaluator:
+    """Measures one strategy config under the definition's evaluation (one model per process)."""
+
+    def __init__(self, defn: StudyDefinition) -> None:
+        from prunebench.models import load_model
+
+        self.defn = defn
+        self.model, _ = load_model(defn.evaluation.model, seed=defn.seed)
+        self.n_visual = self.model.layout_for(1).n_visual
+        self._engine = None
+
+    def __call__(self, strategy: str, config: dict, output: Path,
+                 closed_loop: dict | None = None) -> dict[str, Any]:
+        evaluation = self.defn.evaluation
+        if closed_loop is not None or evaluation.mode == "closed_loop":
+            if closed_loop is not None:
+                evaluation = Evaluation(mode="closed_loop", model=evaluation.model, closed_loop=closed_loop)
+            return self._closed_loop(evaluation, strategy, config, output)
+        return self._replay(strategy, config, output)
+
+    def _closed_loop(self, evaluation: Evaluation, strategy: str, config: dict, output: Path) -> dict:
+        from prunebench.closed_loop import evaluate
+
+        cfg = evaluation.eval_config(strategy, config, self.defn.seed)
+        overall = evaluate(cfg, output, f"prunebench study run ({self.defn.name})").overall
+        q = overall.queries
+        return self._metrics(q, success_rate=overall.success_rate, success_ci95=list(overall.success_ci95),
+                             n_episodes=overall.n_episodes,
+                             speedup=(overall.speedup_vs_dense or {"total": 1.0})["total"],
+                             action_error=overall.action_l1_vs_dense or 0.0)
+
+    def _replay(self, strategy: str, config: dict, output: Path) -> dict:
+        from prunebench.engine import PruningEngine
+        from prunebench.plugins import MANAGER
+        from prunebench.replay import RecordedStream, replay, stream_files
+        from prunebench.results import write_json
+        from prunebench.streams import SyntheticStream
+
+        evaluation = self.defn.evaluation
+        if evaluation.mode == "replay":
+            streams = [RecordedStream(p) for p in stream_files(evaluation.streams)]
+        else:
+            streams = [SyntheticStream(n_queries=evaluation.queries, seed=self.defn.seed,
+                                       image_size=self.model.cfg.image_size)]
+        if self._engine is None:
+            self._engine = PruningEngine(self.model)
+            # warm-up, so the first trial does not pay one-off allocation costs in its latency
+            replay(self._engine, MANAGER.create(DENSE), [SyntheticStream(n_queries=2, seed=self.defn.seed + 1,
+                   image_size=self.model.cfg.image_size)])
+        report = replay(self._engine, MANAGER.create(strategy, config), streams, seed=self.defn.seed,
+                        name=strategy)
+        write_json(output, report)
+        return self._metrics(report.queries, speedup=report.speedup_vs_dense["total"],
+                             action_error=report.action_l1.mean)
+
+    def _metrics(self, queries, **measured) -> dict[str, Any]:
+        latency = {stage: s.mean for stage, s in queries.latency_ms.items()}
+        return {"latency_ms": latency["total"], "gflops": queries.mean_llm_flops / 1e9,
+                "visual_tokens": queries.mean_visual_tokens,
+                "keep_ratio": queries.mean_visual_tokens / self.n_visual,
+                "latency_breakdown_ms": latency, **measured}
+
+
+# --------------------------------------------------------------------------- running
+class StudyRunner:
+    """One worker of a study: fills every strategy study up to its trial count, dense first."""
+
+    def __init__(self, defn: StudyDefinition, log: Callable[[str], None] = print) -> None:
+        self.defn, self.log = defn, log
+        self.storage = open_storage(defn)
+        self.evaluator: Evaluator | None = None
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def run(self) -> None:
+        for strategy in self.defn.searched():
+            study = open_study(self.defn, strategy, self.storage)
+            self._enqueue(study, strategy)
+            self._fill(study, strategy)
+        if self.defn.validate_front is not None:
+            self.validate_fronts()
+
+    def fail_running(self) -> int:
+        """Mark RUNNING trials FAIL (and retry them): for storages without a heartbeat (journal),
+        when no worker is alive. Returns how many."""
+        from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+        count = 0
+        for strategy in self.defn.searched():
+            study = open_study(self.defn, strategy, self.storage)
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+                RetryHeartbeatStaleTrialCallback(max_retry=self.defn.max_retry)(study, study.trials[t.number])
+                count += 1
+        return count
+
+    def _enqueue(self, study: optuna.Study, strategy: str) -> None:
+        """Paper defaults first, then the definition's parameter sets (each once, whoever enqueues)."""
+        if strategy == DENSE:
+            study.enqueue_trial({}, skip_if_exists=True)
+            return
+        search = self.defn.search(strategy)
+        for params in [default_params(strategy, search)] + search.enqueue:
+            study.enqueue_trial(params, skip_if_exists=True)
+
+    def _fill(self, study: optuna.Study, strategy: str) -> None:
+        target = self.defn.target(strategy)
+        while True:
+            optuna.storages.fail_stale_trials(study)  # dead workers' trials -> FAIL (and a retry)
+            trials = study.get_trials(deepcopy=False)
+            done = sum(t.state == TrialState.COMPLETE for t in trials)
+            running = sum(t.state == TrialState.RUNNING for t in trials)
+            if done >= target:
+                return
+            if done + running >= target:  # the rest are in other workers' hands
+                time.sleep(self.defn.poll_s)
+                continue
+            self.log(f"{strategy}: trial {len(trials)} ({done}/{target} complete)")
+            study.optimize(self._objective(strategy), n_trials=1, catch=(TrialFailed,),
+                           callbacks=[_retry_failed(self.defn.max_retry)])
+
+    def _objective(self, strategy: str):
+        def objective(trial: optuna.Trial) -> list[float]:
+            config = strategy_config(strategy, self.defn.search(strategy), trial if strategy != DENSE else None)
+            trial.set_user_attr("config", config.model_dump(mode="json"))
+            trial.set_user_attr("worker", self.worker)
+            earlier = _same_params(trial)
+            if earlier is not None:
+                metrics = {k: earlier.user_attrs[k] for k in METRICS if k in earlier.user_attrs}
+                trial.set_user_attr("duplicate_of", earlier.number)
+                trial.set_user_attr("results", earlier.user_attrs.get("results"))
+            else:
+                output = self.defn.results_path / strategy / f"trial_{trial.number}.json"
+                metrics = self._evaluate(strategy, config.model_dump(), output)
+                trial.set_user_attr("results", str(output))
+            for key, value in metrics.items():
+                trial.set_user_attr(key, value)
+            self._constrain(trial, metrics)
+            self.log(f"{strategy}: trial {trial.number}: " + ", ".join(
+                f"{o} {metrics[o]:.4g}" for o in self.defn.objectives))
+            return [float(metrics[o]) for o in self.defn.objectives]
+
+        return objective
+
+    def _evaluate(self, strategy: str, config: dict, output: Path, closed_loop: dict | None = None) -> dict:
+        self.evaluator = self.evaluator or Evaluator(self.defn)
+        try:
+            return self.evaluator(strategy, config, output, closed_loop)
+        except PrunebenchError:
+            raise  # a usage error stops the worker with its one-line message
+        except KeyboardInterrupt:
+            raise
+        except Exception as err:  # noqa: BLE001 - this trial fails (and is retried); the study goes on
+            raise TrialFailed(f"{type(err).__name__}: {err}") from err
+
+    def _constrain(self, trial: optuna.Trial, metrics: dict) -> None:
+        c = self.defn.constraints
+        if c.max_success_drop is not None:
+            dense = self.dense_metrics()
+            drop = (dense["success_rate"] - metrics["success_rate"]) if dense else 0.0
+            trial.set_constraint("success_drop", drop - c.max_success_drop)
+        if c.max_action_error is not None:
+            trial.set_constraint("action_error", metrics["action_error"] - c.max_action_error)
+
+    def dense_metrics(self) -> dict | None:
+        study = open_study(self.defn, DENSE, self.storage)
+        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        return done[0].user_attrs if done else None
+
+    # multi-fidelity ---------------------------------------------------------------------
+    def validate_fronts(self) -> None:
+        """Evaluate each strategy's front points (and the dense baseline) in closed loop; the
+        results land in the trials' ``validated`` user attribute."""
+        closed_loop = self.defn.validate_front.closed_loop
+        for strategy in self.defn.searched():
+            study = open_study(self.defn, strategy, self.storage)
+            for frozen in _front(study):
+                if "validated" in frozen.user_attrs:
+                    continue
+                output = self.defn.results_path / strategy / f"trial_{frozen.number}_closed_loop.json"
+                self.log(f"{strategy}: validating trial {frozen.number} in closed loop")
+                metrics = self._evaluate(strategy, frozen.user_attrs["config"], output, closed_loop)
+                # a finished trial's attributes can only be set through the storage
+                self.storage.set_trial_user_attr(frozen._trial_id, "validated",
+                                                 {**metrics, "results": str(output)})
+
+
+def _front(study: optuna.Study) -> list:
+    return study.best_trials if len(study.directions) > 1 else [study.best_trial]
+
+
+def _same_params(trial: optuna.Trial):
+    """A complete trial of this study with the same parameters (a repeated suggestion), or None."""
+    if not trial.params:
+        return None
+    for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.params == trial.params and "duplicate_of" not in t.user_attrs:
+            return t
+    return None
+
+
+def _retry_failed(max_retry: int):
+    """Retry a trial that raised (stale trials are retried by the storage's own callback)."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+
+    def callback(study: optuna.Study, trial) -> None:
+        if trial.state == TrialState.FAIL:
+            print(f"trial {trial.number} failed; retrying (at most {max_retry} times)", file=sys.stderr)
+            retry(study, trial)
+
+    return callback
