@@ -22,12 +22,14 @@ class RunConfig(BaseModel):
     model: str | None = None  # path to MiniOFT safetensors; None = the built-in model
 
 
-def one_line(err: ValidationError, prefix: str = "") -> str:
-    """The most telling error as one line; an unknown field (often a typo) comes first."""
+def one_line(err: ValidationError, prefix: str = "", field_prefix: str = "") -> str:
+    """The most telling error as one line; an unknown field (often a typo) comes first.
+    ``field_prefix`` names where the validated dict sits inside a larger file (``a.b.``)."""
     errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
     first = errors[0]
-    field = ".".join(str(p) for p in first["loc"]) or "(root)"
-    message = "unknown field (typo?)" if first["type"] == "extra_forbidden" else first["msg"]
+    field = field_prefix + ".".join(str(p) for p in first["loc"]) or "(root)"
+    message = ("unknown field (typo?)" if first["type"] == "extra_forbidden"
+               else first["msg"].removeprefix("Value error, "))
     more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
     return f"{prefix}field {field!r}: {message}{more}"
 

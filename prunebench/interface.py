@@ -235,7 +235,8 @@ class StrategyConfig(BaseModel):
 
     @classmethod
     def search_space(cls, trial: "optuna.Trial") -> "StrategyConfig":
-        """Map an Optuna trial to a config. Default: nothing to search."""
+        """Map an Optuna trial to a config. Default: nothing to search. Layer ranges of the built-in
+        strategies fit the built-in 4-layer model; a study's ``space`` widens them for deeper models."""
         return cls()
 
 

@@ -12,8 +12,8 @@ Storage (an existing engine, not ours): ``sqlite:///file.db`` (default, resumabl
 (Optuna's journal file: several processes on one host), ``postgresql://...`` (several machines).
 RDB storages run a heartbeat: a trial whose worker died (SIGKILL, lost machine) is marked FAIL after
 ``grace_s`` and retried, as is a trial that raised. Several workers can run ``study run`` on one
-definition at once; each stops when its strategy has ``trials`` complete trials, so at most
-``workers - 1`` extra trials can finish. A parameter set already evaluated is not evaluated again:
+definition at once; each stops when its strategy has ``trials`` complete trials (a trial that two
+workers start at the same moment beyond the count is dropped as PRUNED, ``surplus``). A parameter set already evaluated is not evaluated again:
 the trial reuses the earlier measurement (``duplicate_of``).
 
 Each trial's full results file lands in ``<results_dir>/<strategy>/trial_<n>.json``; the trial's
@@ -80,7 +80,7 @@ class Evaluation(BaseModel):
         try:
             return EvalConfig(strategy=strategy, config=config, seed=seed, model=self.model, **self.closed_loop)
         except ValidationError as err:
-            raise ValueError(one_line(err, "closed_loop.")) from None
+            raise ValueError(one_line(err, field_prefix="closed_loop.")) from None
 
 
 class StrategySearch(BaseModel):
@@ -231,7 +231,7 @@ def _check_search(name: str, search: StrategySearch) -> None:
     try:
         cls(**search.config)
     except ValidationError as err:
-        raise ValueError(one_line(err, f"{name}.config.")) from None
+        raise ValueError(one_line(err, field_prefix=f"{name}.config.")) from None
     known = parameters(name)
     for field in ("space", "fixed"):
         for param in getattr(search, field):
@@ -286,18 +286,35 @@ def open_storage(defn: StudyDefinition):
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         engine_kwargs = {"connect_args": {"timeout": 60}}  # several local workers wait, not fail
-    try:
-        with warnings.catch_warnings():  # the heartbeat is marked experimental; it is what we need
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=defn.heartbeat_s,
-                              grace_period=defn.grace_s, heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
-                                  max_retry=defn.max_retry))
-    except Exception as err:  # noqa: BLE001 - a bad URL or unreachable server: one line, not a trace
-        raise PrunebenchError(f"storage {url}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+    for attempt in range(3):
+        try:
+            with warnings.catch_warnings():  # the heartbeat is marked experimental; it is what we need
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=defn.heartbeat_s,
+                                  grace_period=defn.grace_s,
+                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(defn.max_retry))
+        except ImportError:
+            raise PrunebenchError(f"storage {url}: no database driver; pip install 'prunebench[postgres]'") from None
+        except Exception as err:  # noqa: BLE001 - a bad URL or unreachable server: one line, not a trace
+            if attempt < 2 and "IntegrityError" in type(err).__name__:
+                time.sleep(1.0)  # another worker created the tables at the same moment: they exist now
+                continue
+            raise PrunebenchError(f"storage {url}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
 
 
-def _sampler(defn: StudyDefinition, index: int):
-    seed = defn.seed + 1000 * index  # one stream per strategy, reproducible
+def worker_slot(defn: StudyDefinition, storage) -> int:
+    """This worker's number among all that ever joined the study (0 for the first). The storage's
+    atomic trial numbering in a ``<name>/workers`` registry study is the counter."""
+    registry = optuna.create_study(storage=storage, study_name=f"{defn.name}/workers", load_if_exists=True)
+    trial = registry.ask()
+    registry.tell(trial, 0.0)
+    return trial.number
+
+
+def _sampler(defn: StudyDefinition, index: int, slot: int):
+    # one random stream per strategy and worker: parallel workers do not propose the same configs,
+    # and a lone worker (slot 0) is reproducible from the seed
+    seed = defn.seed + 1000 * index + 100_003 * slot
     cls = {"tpe": optuna.samplers.TPESampler, "nsga2": optuna.samplers.NSGAIISampler,
            "gp": optuna.samplers.GPSampler}[defn.sampler]
     try:
@@ -310,11 +327,11 @@ def study_name(defn: StudyDefinition, strategy: str) -> str:
     return f"{defn.name}/{strategy}"
 
 
-def open_study(defn: StudyDefinition, strategy: str, storage=None) -> optuna.Study:
+def open_study(defn: StudyDefinition, strategy: str, storage=None, slot: int = 0) -> optuna.Study:
     storage = storage or open_storage(defn)
     study = optuna.create_study(storage=storage, study_name=study_name(defn, strategy),
                                 directions=defn.directions, load_if_exists=True,
-                                sampler=_sampler(defn, defn.searched().index(strategy)))
+                                sampler=_sampler(defn, defn.searched().index(strategy), slot))
     if list(study.directions) != [optuna.study.StudyDirection[d.upper()] for d in defn.directions]:
         raise PrunebenchError(f"study {study.study_name} in {defn.storage_url} has other objectives; "
                               "give the definition another name")
@@ -410,8 +427,9 @@ class StudyRunner:
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def run(self) -> None:
+        slot = worker_slot(self.defn, self.storage)
         for strategy in self.defn.searched():
-            study = open_study(self.defn, strategy, self.storage)
+            study = open_study(self.defn, strategy, self.storage, slot)
             self._enqueue(study, strategy)
             self._fill(study, strategy)
         if self.defn.validate_front is not None:
@@ -458,6 +476,9 @@ class StudyRunner:
 
     def _objective(self, strategy: str):
         def objective(trial: optuna.Trial) -> list[float]:
+            if _surplus(trial, self.defn.target(strategy)):
+                trial.set_user_attr("surplus", True)  # two workers asked at once; the other was first
+                raise optuna.TrialPruned("the trial count is reached by other workers")
             config = strategy_config(strategy, self.defn.search(strategy), trial if strategy != DENSE else None)
             trial.set_user_attr("config", config.model_dump(mode="json"))
             trial.set_user_attr("worker", self.worker)
@@ -524,6 +545,13 @@ class StudyRunner:
 
 def _front(study: optuna.Study) -> list:
     return study.best_trials if len(study.directions) > 1 else [study.best_trial]
+
+
+def _surplus(trial: optuna.Trial, target: int) -> bool:
+    """True when earlier trials (complete or running) already make up the target count."""
+    earlier = [t for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+               if t.number < trial.number]
+    return len(earlier) >= target
 
 
 def _same_params(trial: optuna.Trial):

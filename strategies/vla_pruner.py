@@ -42,8 +42,8 @@ class VLAPrunerConfig(StrategyConfig):
     @classmethod
     def search_space(cls, trial):
         return cls(keep_ratio=trial.suggest_float("keep_ratio", 0.05, 0.75),
-                   prune_layer=trial.suggest_int("prune_layer", 0, 3),
-                   action_layer=trial.suggest_int("action_layer", 2, 6),
+                   prune_layer=trial.suggest_int("prune_layer", 0, 2),
+                   action_layer=trial.suggest_int("action_layer", 1, 3),
                    window=trial.suggest_int("window", 1, 5),
                    decay=trial.suggest_float("decay", 0.3, 1.0))
 
