@@ -4,7 +4,8 @@ import numpy as np
 import torch
 
 from prunebench.models import load_model
-from prunebench.training import TrainConfig, augment, bounds, load_samples, train
+from prunebench.training import (Samples, TrainConfig, augment, batches, bounds, load_samples,
+                                 switch_weights, train)
 
 from tests.conftest import TINY
 
@@ -64,6 +65,20 @@ def test_chunks_are_the_next_eight_intended_actions_padded_with_the_last(tmp_pat
     np.testing.assert_array_equal(last[3:], np.repeat(demo["actions"][23:24], 5, 0))
     assert samples.prompt[0] == tuple(MiniOFT.random(TINY).tokenizer.prompt_ids(INSTRUCTIONS[0]))
     assert cfg.steps == 6
+
+
+def test_gripper_switch_frames_are_drawn_more_often():
+    gripper = np.array([[-1] * 8, [-1] * 5 + [1] * 3, [1] * 8, [1] * 6 + [-1] * 2], dtype=np.float32)
+    chunks = np.zeros((4, 8, 7), np.float32)
+    chunks[..., -1] = gripper
+    samples = Samples(torch.zeros(4, 2, 3, 8, 8, dtype=torch.uint8), np.zeros((4, 8)), chunks,
+                      [(1, 2)] * 4, np.zeros(4, int))
+    weights = switch_weights(samples, 4.0)
+    assert weights.tolist() == [1.0, 4.0, 1.0, 4.0]
+    stream = batches(samples, np.arange(4), 4, np.random.default_rng(0), weights)
+    drawn = np.concatenate([next(stream) for _ in range(500)])
+    share = np.isin(drawn, [1, 3]).mean()
+    assert abs(share - 0.8) < 0.05  # 8 of 10 weight units
 
 
 def test_augment_shifts_and_jitters_but_keeps_range():
