@@ -15,13 +15,14 @@ import numpy as np
 import pandas as pd
 from optuna.trial import TrialState
 
-from prunebench.study import DENSE, METRICS, StudyDefinition, load_studies
+from prunebench.study import DENSE, METRICS, StudyDefinition, load_studies, validated_key
 
 
 def trials_table(defn: StudyDefinition) -> pd.DataFrame:
     """One row per complete trial of every strategy study (``params`` and ``config`` as JSON)."""
     rows = []
     for strategy, study in load_studies(defn).items():
+        study_attrs = study.user_attrs  # closed-loop validations of front trials, if any
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             attrs = t.user_attrs
             row = {"strategy": strategy, "trial": t.number, "dense": strategy == DENSE,
@@ -33,7 +34,7 @@ def trials_table(defn: StudyDefinition) -> pd.DataFrame:
             row.update({k: attrs.get(k) for k in METRICS if k != "latency_breakdown_ms"})
             for stage, ms in (attrs.get("latency_breakdown_ms") or {}).items():
                 row[f"ms_{stage}"] = ms
-            for key, value in (attrs.get("validated") or {}).items():
+            for key, value in (study_attrs.get(validated_key(t.number)) or {}).items():
                 if not isinstance(value, (dict, list)):
                     row[f"validated_{key}"] = value
             rows.append(row)

@@ -528,19 +528,24 @@ class StudyRunner:
     # multi-fidelity ---------------------------------------------------------------------
     def validate_fronts(self) -> None:
         """Evaluate each strategy's front points (and the dense baseline) in closed loop; the
-        results land in the trials' ``validated`` user attribute."""
+        results land in the study's ``validated:<trial>`` user attributes."""
         closed_loop = self.defn.validate_front.closed_loop
         for strategy in self.defn.searched():
             study = open_study(self.defn, strategy, self.storage)
             for frozen in _front(study):
-                if "validated" in frozen.user_attrs:
+                key = validated_key(frozen.number)
+                if key in study.user_attrs:
                     continue
                 output = self.defn.results_path / strategy / f"trial_{frozen.number}_closed_loop.json"
                 self.log(f"{strategy}: validating trial {frozen.number} in closed loop")
                 metrics = self._evaluate(strategy, frozen.user_attrs["config"], output, closed_loop)
-                # a finished trial's attributes can only be set through the storage
-                self.storage.set_trial_user_attr(frozen._trial_id, "validated",
-                                                 {**metrics, "results": str(output)})
+                # a finished trial cannot be updated: the study holds the validation
+                study.set_user_attr(key, {**metrics, "results": str(output)})
+
+
+def validated_key(trial_number: int) -> str:
+    """The study user attribute holding a trial's closed-loop validation."""
+    return f"validated:{trial_number}"
 
 
 def _front(study: optuna.Study) -> list:

@@ -248,3 +248,35 @@ def test_two_workers_on_one_postgres_study(tmp_path, postgres_url):
     assert len({json.dumps(t.params, sort_keys=True) for t in evaluated}) == len(evaluated)
     assert len({t.user_attrs["worker"] for t in done}) == 2  # both workers ran trials
     assert len(complete_trials(defn, "none")) == 1  # the dense baseline ran once, not per worker
+
+
+@pytest.mark.parametrize("sampler", ["nsga2", "gp"])
+def test_other_samplers_run(tmp_path, sampler):
+    path = write_definition(tmp_path, sampler=sampler, strategies={"random": {"trials": 3}},
+                            evaluation={"mode": "synthetic", "queries": 2},
+                            sampler_options={"population_size": 2} if sampler == "nsga2" else {})
+    defn = load_study_definition(path)
+    StudyRunner(defn, log=lambda m: None).run()
+    assert len(complete_trials(defn, "random")) == 3
+
+
+@pytest.mark.libero
+def test_front_is_validated_in_closed_loop(tmp_path):
+    from prunebench.envs.libero import libero_available
+
+    if not libero_available():
+        pytest.skip("LIBERO not installed (extra 'libero')")
+    closed_loop = {"suite": "libero_object", "tasks": [0], "episodes": 1, "max_steps": 16,
+                   "render_quality": "fast", "hard_reset": False}
+    path = write_definition(tmp_path, strategies={"random": {"trials": 2}},
+                            evaluation={"mode": "synthetic", "queries": 2},
+                            validate_front={"closed_loop": closed_loop})
+    defn = load_study_definition(path)
+    StudyRunner(defn, log=lambda m: None).run()
+    df = trials_table(defn)
+    front = df[df["front"]]
+    assert front["validated_success_rate"].notna().all() and front["validated_n_episodes"].eq(1).all()
+    assert df.loc[~df["front"], "validated_success_rate"].isna().all()
+    trial = front[~front["dense"]]["trial"].iloc[0]
+    validated = json.loads((tmp_path / "results" / "random" / f"trial_{trial}_closed_loop.json").read_text())
+    assert validated["complete"] and validated["config"]["max_steps"] == 16
