@@ -233,8 +233,10 @@ def postgres_url():
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_two_workers_on_one_postgres_study(tmp_path, postgres_url):
-    path = write_definition(tmp_path, storage=postgres_url, strategies={"random": {"trials": 8}},
+@pytest.mark.parametrize("storage", ["postgresql", "journal"])
+def test_two_workers_on_one_study(tmp_path, request, storage):
+    url = request.getfixturevalue("postgres_url") if storage == "postgresql" else f"journal:{tmp_path}/j.log"
+    path = write_definition(tmp_path, storage=url, strategies={"random": {"trials": 8}},
                             evaluation={"mode": "synthetic", "queries": 4})
     defn = load_study_definition(path)
     workers = [subprocess.Popen(_study_cli("run", path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
