@@ -10,9 +10,9 @@ from pathlib import Path
 from prunebench.errors import PrunebenchError
 
 EPILOG = """examples:
-  prunebench compare --suite libero_object --tasks 0 4 8 --episodes 2 --workers 2 \\
+  prunebench compare --suite libero_object --tasks 0 2 4 --episodes 2 --workers 2 \\
       --render-quality fast --fast-reset  compare the built-in strategies in closed loop on the
-                                           built-in model (success, latency, speedup, tokens)
+                                           shipped policy (success, latency, speedup, tokens)
   prunebench compare                       the same on a synthetic stream (no simulator)
   prunebench plugins                       list plugins and the strategies they register
   prunebench validate run.yaml             check a run config without running it

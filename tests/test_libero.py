@@ -107,8 +107,8 @@ def test_parallel_workers_run_every_episode(tmp_path):
 def test_paper_strategies_run_a_closed_loop_episode(tmp_path, name):
     from prunebench.closed_loop import evaluate
 
-    # ADP's trajectory gate depends on how this (untrained) model moves the arm; its gate logic is
-    # tested on hand-made trajectories in test_paper_strategies, here it runs ungated
+    # ADP's trajectory gate depends on how the policy moves the arm in these few steps; its gate
+    # logic is tested on hand-made trajectories in test_paper_strategies, here it runs ungated
     config = {"gate": False} if name == "adp" else {}
     results = evaluate(short_run(tmp_path, strategy=name, config=config, max_steps=40), tmp_path / "r.json")
     episode = results.episodes[0]
