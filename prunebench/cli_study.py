@@ -21,6 +21,15 @@ STUDY_HELP = """Optuna studies over strategy configs: accuracy-latency Pareto fr
 The definition file's fields are documented in docs/studies.md."""
 
 
+def _quiet_experimental_warnings() -> None:
+    """Optuna marks the heartbeat, metric names and retries experimental; studies rely on them."""
+    import warnings
+
+    import optuna
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -28,6 +37,7 @@ def _log(message: str) -> None:
 def cmd_study_run(args) -> int:
     from prunebench.study import StudyRunner, load_study_definition, load_studies
 
+    _quiet_experimental_warnings()
     defn = load_study_definition(args.definition)
     if args.action == "resume" and not load_studies(defn):
         raise PrunebenchError(f"no study {defn.name!r} in {defn.storage_url}; start it with 'study run'")

@@ -470,7 +470,7 @@ class StudyRunner:
             if done + running >= target:  # the rest are in other workers' hands
                 time.sleep(self.defn.poll_s)
                 continue
-            self.log(f"{strategy}: trial {len(trials)} ({done}/{target} complete)")
+            self.log(f"{strategy}: next trial ({done}/{target} complete)")
             study.optimize(self._objective(strategy), n_trials=1, catch=(TrialFailed,),
                            callbacks=[_retry_failed(self.defn.max_retry)])
 
