@@ -149,21 +149,20 @@ def _token_plots(defn, representatives, out: Path, args) -> list[Path]:
     else:
         stream = SyntheticStream(n_queries=args.queries, seed=defn.seed, image_size=model.cfg.image_size)
     source = Path(args.stream).name if args.stream else "synthetic stream"
+    items = list(stream)  # read (or generated) once for every strategy
+    layout = model.encode(items[0].observation).layout
+    last = len(items) - 1
     written = []
     for _, row in representatives[~representatives["dense"]].iterrows():
         strategy = MANAGER.create(row["strategy"], json.loads(row["config"]))
-        results = run_stream(engine, strategy, stream, seed=defn.seed)
-        enc = model.encode(next(iter(stream)).observation)
-        layout = enc.layout
+        results = run_stream(engine, strategy, items, seed=defn.seed)
         present = plots.kept_per_layer(results, layout, model.n_layers)
         label = f"{row['strategy']} trial {row['trial']}"
         written += plots.kept_token_heatmap(present, out / f"kept_tokens_{row['strategy']}",
                                             f"{label}: visual tokens present per layer ({source})")
-        last = len(results) - 1
-        item = list(stream)[last]
-        final = next(reversed(results[last].kept.values()), None) if results[last].kept else None
-        kept = final.numpy() if final is not None else list(range(layout.n_visual))
-        written += plots.kept_patch_overlay(item.observation.images, kept, layout,
+        removals = list(results[last].kept.values())  # kept sets in stage order
+        kept = removals[-1].numpy() if removals else list(range(layout.n_visual))
+        written += plots.kept_patch_overlay(items[last].observation.images, kept, layout,
                                             out / f"kept_patches_{row['strategy']}",
                                             f"{label}: patches kept at the last removal, query {last}")
     return written

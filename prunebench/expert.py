@@ -36,6 +36,11 @@ STALL_STEPS = 3
 MIN_SPEED = 0.2  # action units: no slow exponential creep at the end of a move
 
 
+def _is_flat(top: float, origin_z: float) -> bool:
+    """Objects lower than FLAT (cream cheese, butter) are grasped at the table."""
+    return top - origin_z < FLAT
+
+
 class PickPlaceExpert:
     """Closed-loop scripted expert: ``act()`` reads the current state and returns the intended action.
 
@@ -71,13 +76,13 @@ class PickPlaceExpert:
         return max(tops) if tops else float(self._obs(f"{self.obj}_pos")[2])
 
     def _flat(self) -> bool:
-        return self._object_top() - self._obs(f"{self.obj}_pos")[2] < FLAT
+        return _is_flat(self._object_top(), self._obs(f"{self.obj}_pos")[2])
 
     def _grasp_point(self) -> np.ndarray:
         pos = self._obs(f"{self.obj}_pos")
         top = self._object_top()
         z = max(top - GRASP_DEPTH, pos[2])
-        if self._flat():
+        if _is_flat(top, pos[2]):
             z = pos[2] - 0.02  # push the fingers down to the table around a flat object
         return np.array([pos[0], pos[1], z])
 

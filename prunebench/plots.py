@@ -48,7 +48,7 @@ def _axes(objectives: list[str]) -> tuple[str, str]:
     gains = [o for o in objectives if OBJECTIVES[o][0] == "maximize"]
     if gains and costs:
         return costs[0], gains[0]
-    return (objectives + ["latency_ms"])[:2][::-1] if len(objectives) > 1 else ("latency_ms", objectives[0])
+    return (objectives[1] if len(objectives) > 1 else "latency_ms"), objectives[0]
 
 
 # --------------------------------------------------------------------------- study plots

@@ -154,8 +154,8 @@ def replay(engine, strategy: Strategy, streams: list[RecordedStream], seed: int 
     for index, stream in enumerate(streams):
         if strategy.history_frames > stream.history_frames:
             raise PrunebenchError(
-                f"{stream.describe().get('path', 'the stream')} holds {stream.history_frames} frames before each query; strategy "
-                f"{name!r} needs {strategy.history_frames} (record with --record-history "
+                f"{stream.describe().get('path', 'the stream')} holds {stream.history_frames} frames "
+                f"before each query; strategy {name!r} needs {strategy.history_frames} (record with --record-history "
                 f"{strategy.history_frames})")
         out = run_interleaved(engine, {"dense": MANAGER.create("none"), name: strategy}, stream,
                               seed=seed, episode=index)

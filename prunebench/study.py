@@ -424,6 +424,7 @@ class StudyRunner:
         self.defn, self.log = defn, log
         self.storage = open_storage(defn)
         self.evaluator: Evaluator | None = None
+        self._dense: dict | None = None  # the dense baseline's metrics, once it is complete
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def run(self) -> None:
@@ -438,14 +439,13 @@ class StudyRunner:
     def fail_running(self) -> int:
         """Mark RUNNING trials FAIL (and retry them): for storages without a heartbeat (journal),
         when no worker is alive. Returns how many."""
-        from optuna.storages import RetryHeartbeatStaleTrialCallback
-
+        retry = _retry_failed(self.defn.max_retry)
         count = 0
         for strategy in self.defn.searched():
             study = open_study(self.defn, strategy, self.storage)
             for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-                RetryHeartbeatStaleTrialCallback(max_retry=self.defn.max_retry)(study, study.trials[t.number])
+                retry(study, study.trials[t.number])
                 count += 1
         return count
 
@@ -521,9 +521,11 @@ class StudyRunner:
             trial.set_constraint("action_error", metrics["action_error"] - c.max_action_error)
 
     def dense_metrics(self) -> dict | None:
-        study = open_study(self.defn, DENSE, self.storage)
-        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        return done[0].user_attrs if done else None
+        if self._dense is None:
+            study = open_study(self.defn, DENSE, self.storage)
+            done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            self._dense = done[0].user_attrs if done else None
+        return self._dense
 
     # multi-fidelity ---------------------------------------------------------------------
     def validate_fronts(self) -> None:
