@@ -51,18 +51,24 @@ class QueryRecord(BaseModel):
 
 
 class StageTimer:
-    """Accumulates wall time per stage name; ``with timer("llm"): ...``."""
+    """Accumulates wall time per stage name; ``with timer("llm"): ...``.
 
-    def __init__(self) -> None:
+    ``sync`` (e.g. torch.cuda.synchronize) runs at every stage boundary, so that asynchronous GPU
+    work is charged to the stage that launched it."""
+
+    def __init__(self, sync=None) -> None:
         self.ms = {name: 0.0 for name in STAGES}
+        self.sync = sync or (lambda: None)
         self._start = time.perf_counter()
 
     @contextmanager
     def __call__(self, stage: str):
+        self.sync()
         t0 = time.perf_counter()
         try:
             yield
         finally:
+            self.sync()
             self.ms[stage] = self.ms.get(stage, 0.0) + (time.perf_counter() - t0) * 1e3
 
     def total(self) -> dict[str, float]:

@@ -71,11 +71,11 @@ def cmd_validate(args) -> int:
     return 0
 
 
-def _engine(model_path, seed):
+def _engine(model_path, seed, device=None, suite=None):
     from prunebench.engine import PruningEngine
     from prunebench.models import load_model
 
-    model, info = load_model(model_path, seed=seed)
+    model, info = load_model(model_path, seed=seed, suite=suite, device=device or "cpu")
     if not info["trained"]:
         print("note: no trained weights found; using a randomly initialised built-in model",
               file=sys.stderr)
@@ -101,7 +101,8 @@ def cmd_run_libero(args) -> int:
     from prunebench.config import parse_overrides
 
     cfg = load_eval_config(
-        args.config, strategy=args.strategy, seed=args.seed, model=args.model, suite=args.suite,
+        args.config, strategy=args.strategy, seed=args.seed, model=args.model, device=args.device,
+        suite=args.suite,
         tasks=args.tasks, episodes=args.episodes, first_init_state=args.first_init_state,
         camera_size=args.camera_size, render=args.render, render_quality=args.render_quality,
         hard_reset=False if args.fast_reset else None, max_steps=args.max_steps, workers=args.workers,
@@ -165,7 +166,7 @@ def cmd_replay(args) -> int:
 
     strategy = MANAGER.create(args.strategy, parse_overrides(args.set))
     streams = [RecordedStream(p) for p in stream_files(args.streams)]
-    engine, _ = _engine(args.model, args.seed)
+    engine, _ = _engine(args.model, args.seed, args.device, streams[0].header.get("suite") if streams else None)
     report = replay(engine, strategy, streams, seed=args.seed, name=args.strategy)
     a = report.action_l1
     print(f"{args.strategy}: {report.n_queries} queries from {report.n_streams} streams; action L1 vs "
@@ -188,12 +189,12 @@ def cmd_run_stream(args) -> int:
     if args.config:
         run = load_run_config(args.config)
     elif args.strategy:
-        run = RunConfig(strategy=args.strategy, seed=args.seed or 0, model=args.model)
+        run = RunConfig(strategy=args.strategy, seed=args.seed or 0, model=args.model, device=args.device or "cpu")
     else:
         raise PrunebenchError("give --strategy NAME or --config FILE")
     overrides = parse_overrides(args.set)
     strategy = MANAGER.create(run.strategy, {**run.config, **overrides})
-    engine, model_info = _engine(run.model, run.seed)
+    engine, model_info = _engine(run.model, run.seed, run.device)
     stream = SyntheticStream(n_queries=args.queries, seed=run.seed,
                              image_size=engine.model.cfg.image_size)
     results = run_stream(engine, strategy, stream, seed=run.seed)
@@ -237,7 +238,7 @@ def cmd_compare_libero(args) -> int:
     results, files = {}, {}
     for name, overrides in _strategies_to_compare(args.strategies, args.keep_ratio).items():
         cfg = EvalConfig(strategy=name, config=overrides, seed=args.seed, model=args.model,
-                         suite=args.suite, tasks=args.tasks, episodes=args.episodes,
+                         device=args.device or "cpu", camera_size=args.camera_size, suite=args.suite, tasks=args.tasks, episodes=args.episodes,
                          workers=args.workers, render_quality=args.render_quality,
                          hard_reset=not args.fast_reset)
         files[name] = str(out_dir / f"{name}.json")
@@ -264,7 +265,7 @@ def cmd_compare(args) -> int:
     from prunebench.versions import environment
     from pydantic import BaseModel
 
-    engine, model_info = _engine(args.model, args.seed)
+    engine, model_info = _engine(args.model, args.seed, args.device)
     strategies = {name: MANAGER.create(name, overrides)
                   for name, overrides in _strategies_to_compare(args.strategies, args.keep_ratio).items()}
     stream = SyntheticStream(n_queries=args.queries, seed=args.seed, image_size=engine.model.cfg.image_size)
@@ -325,6 +326,12 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _add_model_arguments(p) -> None:
+    p.add_argument("--model", help="MiniOFT safetensors file, or an OpenVLA-OFT checkpoint directory or hub "
+                                   "id (default: the built-in model)")
+    p.add_argument("--device", help="cpu (default) or cuda[:N]; OpenVLA-OFT runs in bfloat16 on cuda")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prunebench", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -350,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a strategy config field (repeatable), e.g. --set keep_ratio=0.25")
     p.add_argument("--seed", type=int, default=None, help="run seed (default 0)")
-    p.add_argument("--model", help="MiniOFT safetensors file (default: the built-in model)")
+    _add_model_arguments(p)
     p.add_argument("-o", "--output", help="results JSON path (default: results/<name>_<time>.json)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     g = p.add_argument_group("LIBERO closed loop")
@@ -386,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", required=True, help="registered strategy name")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="strategy config field")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", help="MiniOFT safetensors file (default: the built-in model)")
+    _add_model_arguments(p)
     p.add_argument("-o", "--output", help="write the report as JSON")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.set_defaults(func=cmd_replay)
@@ -434,13 +441,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-ratio", type=float, default=0.5,
                    help="keep ratio given to strategies that have one (others use their defaults)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", help="MiniOFT safetensors file (default: the built-in model)")
+    _add_model_arguments(p)
     p.add_argument("-o", "--output", help="JSON file (stream) or results directory (--suite)")
     g = p.add_argument_group("LIBERO closed loop")
     g.add_argument("--suite", help="LIBERO suite, e.g. libero_object")
     g.add_argument("--tasks", type=int, nargs="+", help="task ids (default: every task)")
     g.add_argument("--episodes", type=int, default=1, help="episodes per task (default 1)")
     g.add_argument("--workers", type=int, default=1, help="episodes in parallel processes")
+    g.add_argument("--camera-size", type=int, default=128,
+                   help="camera resolution in pixels (default 128; OpenVLA-OFT's eval renders 256)")
     g.add_argument("--render-quality", choices=["stock", "fast"], default="stock",
                    help="fast: no MSAA/reflections/shadows (non-stock, recorded)")
     g.add_argument("--fast-reset", action="store_true", help="hard_reset=False (non-stock, recorded)")

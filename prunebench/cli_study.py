@@ -142,7 +142,9 @@ def _token_plots(defn, representatives, out: Path, args) -> list[Path]:
     from prunebench.runner import run_stream
     from prunebench.streams import SyntheticStream
 
-    model, _ = load_model(defn.evaluation.model, seed=defn.seed)
+    evaluation = defn.evaluation
+    model, _ = load_model(evaluation.model, seed=defn.seed, suite=evaluation.closed_loop.get("suite"),
+                          device=evaluation.device)
     engine = PruningEngine(model, record_kept=True)
     if args.stream:
         stream = RecordedStream(args.stream)

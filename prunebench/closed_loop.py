@@ -97,7 +97,7 @@ class EpisodeRunner:
         from prunebench.plugins import MANAGER
 
         self.cfg = cfg
-        model, _ = load_model(cfg.model, seed=cfg.seed)
+        model, _ = load_model(cfg.model, seed=cfg.seed, suite=cfg.suite, device=cfg.device)
         self.model = model
         self.engine = PruningEngine(model)
         self.strategy = MANAGER.create(cfg.strategy, cfg.config)
@@ -340,7 +340,7 @@ def evaluate(cfg: EvalConfig, output: str | Path, command: str = "",
     libero_modules()
     strategy = MANAGER.create(cfg.strategy, cfg.config)  # one-line error on a bad config, before any env
     jobs, init_ids, _ = plan_jobs(cfg)
-    model, model_info = load_model(cfg.model, seed=cfg.seed)
+    model, model_info = load_model(cfg.model, seed=cfg.seed, suite=cfg.suite, device=cfg.device)
     results = EvalResults(
         command=command, seed=cfg.seed, config=cfg.model_dump(),
         strategy=StrategyInfo(name=cfg.strategy, config=strategy.config.model_dump(),

@@ -19,7 +19,9 @@ class RunConfig(BaseModel):
     strategy: str
     config: dict[str, Any] = Field(default_factory=dict)
     seed: int = 0
-    model: str | None = None  # path to MiniOFT safetensors; None = the built-in model
+    # MiniOFT safetensors file, or an OpenVLA-OFT checkpoint directory / hub id; None = the built-in model
+    model: str | None = None
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")  # where the model runs
 
 
 def one_line(err: ValidationError, prefix: str = "", field_prefix: str = "") -> str:

@@ -2,8 +2,8 @@
 
 The engine owns the loop over transformers' Llama decoder layers so that it can physically remove
 visual tokens before the LLM or after any layer (gathering hidden states, positions and rotary
-tables), keep attention bidirectional after every removal (``is_causal=False`` on each call and
-no mask), compute only the signals a plan asks for, read the actions out through the kept-position
+tables), keep attention bidirectional after every removal (llama_compat.run_layer: one call for
+every supported transformers release), compute only the signals a plan asks for, read the actions out through the kept-position
 map with one convention for every strategy, and account tokens, FLOPs and time per stage.
 """
 
@@ -16,6 +16,7 @@ import torch
 
 from prunebench import signals as sig
 from prunebench.accounting import QueryRecord, StageRecord, StageTimer, llm_flops
+from prunebench.llama_compat import rotary, run_layer
 from prunebench.errors import EngineError, StrategyError
 from prunebench.interface import (BEFORE_LLM, SIGNAL_KINDS, Observation, PrunePlan, QueryContext,
                                   Signals, SignalRequest, Stage, Strategy)
@@ -37,6 +38,7 @@ class PruningEngine:
         self.model = model
         self.llm = model.llm
         self.record_kept = record_kept
+        self.device = next(model.parameters()).device
 
     @property
     def attention_backend(self) -> str:
@@ -45,7 +47,7 @@ class PruningEngine:
     @torch.inference_mode()
     def query(self, strategy: Strategy, obs: Observation, *, query_index: int = 0, step_index: int = 0,
               seed: int = 0, frames=(), eef_history=(), actions_since_last_query=()) -> QueryResult:
-        timer = StageTimer()
+        timer = StageTimer(sync=torch.cuda.synchronize if self.device.type == "cuda" else None)
         with timer("vision"):
             enc = self.model.encode(obs)
         layout = enc.layout
@@ -62,7 +64,7 @@ class PruningEngine:
             self._input_signals(plan, enc, signals)
 
         h = enc.embeds
-        full_cos, full_sin = self.llm.rotary_emb(h, layout.positions[None])
+        full_cos, full_sin = rotary(self.llm, h, layout.positions[None].to(h.device))
         cos, sin = full_cos, full_sin
         recompact = strategy.position_ids == "recompact"
         stage_records: list[StageRecord] = []
@@ -88,7 +90,7 @@ class PruningEngine:
         if BEFORE_LLM in stages:
             with timer("overhead"):
                 h = apply(stages[BEFORE_LLM], h)
-        pos_ids = self._position_ids(layout, recompact)
+        pos_ids = self._position_ids(layout, recompact, h.device)
         for index, layer in enumerate(self.llm.layers):
             wanted = [r for r in plan.signals if r.kind == "attention" and r.layer == index]
             if wanted:
@@ -97,14 +99,13 @@ class PruningEngine:
                     for request in wanted:
                         signals[request] = values[request.rows]
             with timer("llm"):
-                h = layer(h, attention_mask=None, position_ids=pos_ids, position_embeddings=(cos, sin),
-                          is_causal=False)
+                h = run_layer(self.llm, layer, h, pos_ids, cos, sin)
             tokens.append(h.shape[1])
             visual.append(h.shape[1] - n_other)
             if index in stages:
                 with timer("overhead"):
                     h = apply(stages[index], h)
-                    pos_ids = self._position_ids(layout, recompact)
+                    pos_ids = self._position_ids(layout, recompact, h.device)
         with timer("llm"):
             h = self.llm.norm(h)
         with timer("head"):
@@ -123,14 +124,14 @@ class PruningEngine:
         with timer("overhead"):
             strategy.on_forward_end(signals, record)
         record.ms = timer.total()
-        return QueryResult(actions[0].numpy(), normalized[0].numpy(), record, kept)
+        return QueryResult(actions[0].numpy(), normalized[0].float().cpu().numpy(), record, kept)
 
     # ------------------------------------------------------------------ pieces
     @staticmethod
-    def _position_ids(layout: TokenLayout, recompact: bool) -> torch.Tensor:
+    def _position_ids(layout: TokenLayout, recompact: bool, device: torch.device) -> torch.Tensor:
         if recompact:
-            return torch.arange(layout.current_length)[None]
-        return layout.positions[None]
+            return torch.arange(layout.current_length, device=device)[None]
+        return layout.positions[None].to(device)
 
     def _input_signals(self, plan: PrunePlan, enc, signals: Signals) -> None:
         """Signals that need no layer to have run: computed once on the unpruned input."""

@@ -12,6 +12,7 @@ import torch
 from transformers.models.llama.modeling_llama import rotate_half
 
 from prunebench.layout import TokenLayout
+from prunebench.llama_compat import attention_scaling
 
 
 def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:  # (1, n, H*hd) -> (1, H, n, hd)
@@ -21,7 +22,7 @@ def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:  # (1, n, H*hd) -> (1
 def _scatter_visual(values: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     """Values over current slots -> a vector over visual indices, NaN where a token is absent."""
     out = torch.full((layout.n_visual,), float("nan"), dtype=torch.float32)
-    out[layout.present_visual()] = values[layout.visual_slots()].float()
+    out[layout.present_visual()] = values[layout.visual_slots()].float().cpu()
     return out
 
 
@@ -49,7 +50,7 @@ def attention_to_visual(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Te
         row_slots = layout.row_slots(group)
         q = _queries(attn, x[:, row_slots])
         cq, sq = cos[:, row_slots].unsqueeze(1), sin[:, row_slots].unsqueeze(1)
-        q = (q * cq + rotate_half(q) * sq) * attn.scaling  # scale the few query rows, not the scores
+        q = (q * cq + rotate_half(q) * sq) * attention_scaling(attn)  # scale the few query rows, not the scores
         probs = torch.softmax(q @ k.transpose(-1, -2), dim=-1)  # (1, H, r, n)
         out[group] = _scatter_visual(probs.mean(dim=(0, 1, 2)), layout)
     return out
@@ -61,11 +62,11 @@ def qk_logits_to_visual(layer, embeds: torch.Tensor, layout: TokenLayout, rows: 
     attn = layer.self_attn
     x = layer.input_layernorm(embeds)
     q, k = _queries(attn, x[:, layout.row_slots(rows)]), _keys(attn, x)
-    logits = (q @ k.transpose(-1, -2)).float() * attn.scaling
+    logits = (q @ k.transpose(-1, -2)).float() * attention_scaling(attn)
     return _scatter_visual(logits.mean(dim=(0, 1, 2)), layout)
 
 
 def visual_embeddings(embeds: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     """Input embeddings of all visual tokens, (n_visual, D), from the unpruned input."""
     start = layout.visual_start
-    return embeds[0, start:start + layout.n_visual]
+    return embeds[0, start:start + layout.n_visual].float().cpu()

@@ -57,7 +57,8 @@ class Evaluation(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     mode: Literal["closed_loop", "replay", "synthetic"] = "closed_loop"
-    model: str | None = None  # weights; None = the built-in model
+    model: str | None = None  # MiniOFT weights or an OpenVLA-OFT checkpoint; None = the built-in model
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
     # closed_loop: EvalConfig fields (suite, tasks, episodes, first_init_state, render_quality, ...)
     closed_loop: dict[str, Any] = Field(default_factory=dict)
     streams: list[str] = Field(default_factory=list)  # replay: stream files or directories
@@ -74,11 +75,12 @@ class Evaluation(BaseModel):
     def eval_config(self, strategy: str, config: dict, seed: int):
         from prunebench.closed_loop import EvalConfig
 
-        taken = {"strategy", "config", "seed", "model"} & set(self.closed_loop)
+        taken = {"strategy", "config", "seed", "model", "device"} & set(self.closed_loop)
         if taken:
             raise ValueError(f"closed_loop.{sorted(taken)[0]} is set by the study, not here")
         try:
-            return EvalConfig(strategy=strategy, config=config, seed=seed, model=self.model, **self.closed_loop)
+            return EvalConfig(strategy=strategy, config=config, seed=seed, model=self.model, device=self.device,
+                              **self.closed_loop)
         except ValidationError as err:
             raise ValueError(one_line(err, field_prefix="closed_loop.")) from None
 
@@ -360,7 +362,9 @@ class Evaluator:
         from prunebench.models import load_model
 
         self.defn = defn
-        self.model, _ = load_model(defn.evaluation.model, seed=defn.seed)
+        evaluation = defn.evaluation
+        self.model, _ = load_model(evaluation.model, seed=defn.seed, suite=evaluation.closed_loop.get("suite"),
+                                   device=evaluation.device)
         self.n_visual = self.model.layout_for(1).n_visual
         self._engine = None
 
@@ -369,7 +373,8 @@ class Evaluator:
         evaluation = self.defn.evaluation
         if closed_loop is not None or evaluation.mode == "closed_loop":
             if closed_loop is not None:
-                evaluation = Evaluation(mode="closed_loop", model=evaluation.model, closed_loop=closed_loop)
+                evaluation = Evaluation(mode="closed_loop", model=evaluation.model, device=evaluation.device,
+                                        closed_loop=closed_loop)
             return self._closed_loop(evaluation, strategy, config, output)
         return self._replay(strategy, config, output)
 

@@ -4,6 +4,7 @@ import torch
 from prunebench import BEFORE_LLM, PrunePlan, Stage, StrategyError, attention
 from prunebench.engine import PruningEngine
 from prunebench.errors import EngineError
+from prunebench.llama_compat import forward_bidirectional, rotary
 from prunebench.plugins import MANAGER
 from prunebench.signals import attention_to_visual
 from tests.conftest import TINY, make_observation
@@ -33,9 +34,11 @@ def test_attention_is_bidirectional(engine, tiny_model, obs):
         for layer in tiny_model.llm.layers:
             layer.self_attn.is_causal = False
     enc = tiny_model.encode(obs)
-    causal = tiny_model.llm(inputs_embeds=enc.embeds, is_causal=True).last_hidden_state
-    bidir = tiny_model.llm(inputs_embeds=enc.embeds).last_hidden_state
-    assert (causal - bidir).abs().max() > 1e-3
+    n = enc.embeds.shape[1]
+    causal_mask = torch.full((1, 1, n, n), float("-inf")).triu(1)
+    causal = tiny_model.llm(inputs_embeds=enc.embeds, attention_mask=causal_mask).last_hidden_state
+    causal_actions = tiny_model.unnormalize_actions(tiny_model.head(causal[:, enc.layout.readout_slots()]))
+    assert (causal_actions[0] - torch.as_tensor(bidirectional)).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("positions", ["original", "recompact"])
@@ -71,7 +74,7 @@ def test_before_llm_with_original_positions_equals_shortened_sequence(engine, ti
     visual = torch.arange(layout.visual_start, layout.visual_start + layout.n_visual)
     slots = torch.tensor([p for p in range(layout.length) if p not in set(visual.tolist())] +
                          (keep + layout.visual_start).tolist()).sort().values
-    hidden = tiny_model.llm(inputs_embeds=enc.embeds[:, slots], position_ids=slots[None]).last_hidden_state
+    hidden = forward_bidirectional(tiny_model.llm, enc.embeds[:, slots], position_ids=slots[None])
     layout.keep_slots(slots)
     reference = tiny_model.unnormalize_actions(tiny_model.head(hidden[:, layout.readout_slots()]))[0]
     assert torch.allclose(torch.as_tensor(out.actions), reference, atol=1e-5)
@@ -83,15 +86,19 @@ def test_before_llm_with_original_positions_equals_shortened_sequence(engine, ti
 def test_recomputed_attention_matches_eager_weights(tiny_model, obs):
     enc = tiny_model.encode(obs)
     layout, h = enc.layout, enc.embeds
-    cos, sin = tiny_model.llm.rotary_emb(h, layout.positions[None])
+    cos, sin = rotary(tiny_model.llm, h, layout.positions[None])
     layer = tiny_model.llm.layers[1]
     config = tiny_model.llm.config
     previous = config._attn_implementation
     config._attn_implementation = "eager"
     try:
         with torch.inference_mode():
-            _, weights = layer.self_attn(layer.input_layernorm(h), position_embeddings=(cos, sin),
-                                         attention_mask=None)
+            x = layer.input_layernorm(h)
+            if hasattr(tiny_model.llm, "rotary_emb"):
+                weights = layer.self_attn(x, position_embeddings=(cos, sin), attention_mask=None)[1]
+            else:  # transformers < 4.44: SDPA falls back to eager for output_attentions, rotary inside
+                weights = layer.self_attn(x, attention_mask=None, position_ids=layout.positions[None],
+                                          output_attentions=True)[1]
     finally:
         config._attn_implementation = previous
     rows = layout.row_slots("text")

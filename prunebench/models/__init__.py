@@ -1,11 +1,14 @@
 """Models the engine can run. Each exposes ``encode``, ``llm`` (layers, norm, rotary), ``head``,
-``unnormalize_actions`` and ``patch_pixels``; see mini_oft.py."""
+``unnormalize_actions`` and ``patch_pixels``: the built-in MiniOFT (mini_oft.py) and real
+OpenVLA-OFT checkpoints (openvla_oft.py, loaded by oft_checkpoint.py)."""
 
 from __future__ import annotations
 
 import hashlib
 from importlib import resources
 from pathlib import Path
+
+import torch
 
 from prunebench.errors import PrunebenchError
 from prunebench.models.mini_oft import MiniOFT, MiniOFTConfig
@@ -19,11 +22,25 @@ def builtin_weights() -> Path | None:
     return path if path.is_file() else None
 
 
-def load_model(path: str | Path | None = None, seed: int = 0) -> tuple[MiniOFT, dict]:
+def load_model(path: str | Path | None = None, seed: int = 0, *, suite: str | None = None,
+               device: str = "cpu") -> tuple[MiniOFT, dict]:
     """The model at ``path``, else the shipped weights, else a random init from ``seed``.
 
+    ``path`` may be a MiniOFT safetensors file or an OpenVLA-OFT checkpoint (a directory or a hub id
+    such as ``moojink/openvla-7b-oft-finetuned-libero-object``); ``suite`` picks the checkpoint's
+    normalisation statistics. OFT runs in bfloat16 on a GPU and float32 on the CPU.
     Returns the model and a description for results files (source, sha256, config).
     """
+    from prunebench.models.oft_checkpoint import is_oft_checkpoint, load_oft
+
+    if path and is_oft_checkpoint(path):
+        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+        model = load_oft(path, suite=suite, device=device, dtype=dtype)
+        info = {"source": str(path), "trained": True, "kind": "openvla-oft", "unnorm_key": model.unnorm_key,
+                "dtype": str(dtype).removeprefix("torch."), "device": str(device),
+                "config": model.cfg.model_dump(),
+                "parameters": sum(p.numel() for p in model.parameters())}
+        return model, info
     path = Path(path) if path else builtin_weights()
     if path is None:
         model = MiniOFT.random(seed=seed)
@@ -36,7 +53,7 @@ def load_model(path: str | Path | None = None, seed: int = 0) -> tuple[MiniOFT, 
                 "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
     info["config"] = model.cfg.model_dump()
     info["parameters"] = sum(p.numel() for p in model.parameters())
-    return model, info
+    return model.to(device), info
 
 
 __all__ = ["MiniOFT", "MiniOFTConfig", "load_model", "builtin_weights"]

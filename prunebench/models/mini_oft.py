@@ -31,6 +31,7 @@ from transformers import LlamaConfig, LlamaModel
 
 from prunebench.interface import Observation
 from prunebench.layout import TokenLayout
+from prunebench.llama_compat import forward_bidirectional, make_bidirectional
 from prunebench.models.tokenizer import WordTokenizer
 
 
@@ -241,16 +242,12 @@ class MiniOFT(nn.Module):
         return Encoded(embeds, self.layout_for(ids.shape[1]), images, vision_ms)
 
     def patch_pixels(self, images: torch.Tensor) -> torch.Tensor:
-        """Raw pixels (0..255) of every visual token's image patch: (n_visual, patch*patch*3)."""
-        p = self.cfg.patch_size
-        x = (images * 255.0).round()
-        x = x.unfold(2, p, p).unfold(3, p, p)  # (V, 3, g, g, p, p)
-        return x.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3 * p * p)
+        return patch_pixels(images, self.cfg.patch_size)
 
     # ------------------------------------------------------------------ post-LLM
     def dense_actions(self, embeds: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         """Normalised (B, 8, 7) actions of a batch through ``LlamaModel.forward``, no pruning."""
-        hidden = self.llm(inputs_embeds=embeds).last_hidden_state
+        hidden = forward_bidirectional(self.llm, embeds)
         return self.head(hidden[:, layout.readout_slots()])
 
     def head(self, readout: torch.Tensor) -> torch.Tensor:
@@ -270,12 +267,12 @@ class MiniOFT(nn.Module):
         return self.unnormalize_actions(self.dense_actions(enc.embeds, enc.layout))[0]
 
 
-def make_bidirectional(llm: LlamaModel) -> None:
-    """OFT attends bidirectionally. Set it on the config (for LlamaModel.forward) and on every
-    attention module (a manual layer loop bypasses the config; openvla-oft.md §9.3 pitfall)."""
-    llm.config.is_causal = False
-    for layer in llm.layers:
-        layer.self_attn.is_causal = False
+def patch_pixels(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """Raw pixels (0..255) of every visual token's image patch: (n_visual, patch*patch*3), from
+    (views, 3, S, S) images in [0, 1]."""
+    x = (images.float().cpu() * 255.0).round()
+    x = x.unfold(2, patch, patch).unfold(3, patch, patch)  # (V, 3, g, g, p, p)
+    return x.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3 * patch * patch)
 
 
 def _scale(q01: torch.Tensor, q99: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,75 @@
+"""The Llama decoder API across transformers releases, in one place.
+
+The engine runs Llama decoder layers one by one. Their call signature changed over time
+(openvla-oft.md §9.3):
+
+* transformers 4.40 - 4.43 (OpenVLA-OFT pins 4.40.1): no model-level rotary table; each attention
+  module computes (cos, sin) from ``position_ids``; layers return a tuple.
+* 4.44 - 4.47: a model-level ``rotary_emb``; layers take ``position_embeddings=(cos, sin)`` and return
+  a tuple. Their SDPA attention is hard-wired causal whenever the mask is None.
+* 4.48 and later (5.x included): SDPA honours ``is_causal=False`` per call; 5.x layers return a tensor.
+
+OpenVLA-OFT attends bidirectionally. We enforce it ourselves on every release: an all-zero additive
+mask before 4.48 (stock SDPA then calls the kernel with ``is_causal=False``; eager adds nothing), and
+``is_causal=False`` with no mask from 4.48 on (keeps the flash/efficient SDPA kernels available).
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers
+from packaging.version import Version
+
+# Before 4.48 a None mask means causal SDPA; pass an explicit zero mask instead.
+NEEDS_ZERO_MASK = Version(transformers.__version__).release < (4, 48)
+
+
+def make_bidirectional(llm) -> None:
+    """Mark a LlamaModel bidirectional: the config (read by ``LlamaModel.forward`` in 5.x) and every
+    attention module (read by SDPA in a manual layer loop from 4.48 on)."""
+    llm.config.is_causal = False
+    for layer in llm.layers:
+        layer.self_attn.is_causal = False
+
+
+def rotary(llm, h: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) of shape (1, n, head_dim) for ``position_ids`` (1, n), from the model-level table or,
+    on releases without one, from the first attention module's (all layers share the same table)."""
+    table = getattr(llm, "rotary_emb", None) or llm.layers[0].self_attn.rotary_emb
+    return table(h, position_ids)
+
+
+def zero_mask(h: torch.Tensor) -> torch.Tensor:
+    """An additive (1, 1, n, n) mask that masks nothing."""
+    n = h.shape[1]
+    return torch.zeros(h.shape[0], 1, n, n, dtype=h.dtype, device=h.device)
+
+
+def run_layer(llm, layer, h: torch.Tensor, position_ids: torch.Tensor,
+              cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """One decoder layer, bidirectional, at the given positions. Returns the new hidden states."""
+    if NEEDS_ZERO_MASK:
+        kwargs = {"attention_mask": zero_mask(h), "position_ids": position_ids}
+        if getattr(llm, "rotary_emb", None) is not None:
+            kwargs["position_embeddings"] = (cos, sin)
+        out = layer(h, **kwargs)
+    else:
+        out = layer(h, attention_mask=None, position_ids=position_ids, position_embeddings=(cos, sin),
+                    is_causal=False)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def forward_bidirectional(llm, embeds: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The library's own ``LlamaModel.forward``, bidirectional: last hidden state (after the final norm).
+
+    The reference the engine's layer loop is tested against."""
+    # A 4-D mask of ones attends everywhere under both meanings a 4-D mask has had before 4.48:
+    # 1 = attend (4.40, 4.41), and additive (4.42+: a constant shift, which softmax ignores).
+    mask = torch.ones_like(zero_mask(embeds)) if NEEDS_ZERO_MASK else None
+    return llm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+               use_cache=False).last_hidden_state
+
+
+def attention_scaling(attn) -> float:
+    """Softmax scale of an attention module (``scaling`` from 4.48 on, 1/sqrt(head_dim) before)."""
+    return getattr(attn, "scaling", None) or attn.head_dim ** -0.5

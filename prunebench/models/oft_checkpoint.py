@@ -1,0 +1,179 @@
+"""Read (and, for tests, write) OpenVLA-OFT checkpoints in the released file layout.
+
+A checkpoint directory (or hub id, fetched with huggingface_hub when it is installed) holds:
+
+    config.json                          vision_backbone_id, text_config (Llama), norm_stats
+    model.safetensors[.index.json]       vision_backbone.*, projector.*, language_model.* (sharded)
+    proprio_projector--<step>_checkpoint.pt   torch state dict, keys prefixed "module." (DDP)
+    action_head--<step>_checkpoint.pt         likewise
+    dataset_statistics.json              norm stats (used when config.json has none)
+    tokenizer files                      read with transformers.AutoTokenizer
+
+Normalisation statistics are chosen by suite: ``<suite>``, then ``<suite>_no_noops`` (as OFT's eval
+does), or the only key when the checkpoint has one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from prunebench.errors import PrunebenchError
+from prunebench.models.openvla_oft import OFTSpec, OpenVLAOFT
+
+HEAD_FILES = {"proprio_projector": "proprio_projector--{step}_checkpoint.pt",
+              "action_head": "action_head--{step}_checkpoint.pt"}
+
+
+def is_oft_checkpoint(source: str | Path) -> bool:
+    """A local directory with an OFT config.json, or a hub id (``owner/name``, not a file here)."""
+    path = Path(source)
+    if path.is_dir():
+        return (path / "config.json").is_file() and "vision_backbone_id" in _read_json(path / "config.json")
+    return not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) is not None
+
+
+def resolve(source: str | Path) -> Path:
+    """The local directory of a checkpoint: as given, or downloaded from the hub."""
+    path = Path(source)
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise PrunebenchError(f"checkpoint {source!r} is not a directory and huggingface_hub is not "
+                              "installed to fetch it") from None
+    try:
+        return Path(snapshot_download(str(source)))
+    except Exception as err:  # network, auth, unknown repo: one line that names the checkpoint
+        raise PrunebenchError(f"checkpoint {source!r}: could not download ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''})") from None
+
+
+def unnorm_key(norm_stats: dict, suite: str | None) -> str:
+    keys = sorted(norm_stats)
+    if suite is None:
+        if len(keys) == 1:
+            return keys[0]
+        raise PrunebenchError(f"checkpoint has norm stats for several datasets ({', '.join(keys)}); "
+                              "name the suite")
+    for key in (suite, f"{suite}_no_noops"):
+        if key in norm_stats:
+            return key
+    raise PrunebenchError(f"checkpoint has no norm stats for suite {suite!r}; it has: {', '.join(keys)}")
+
+
+def load_oft(source: str | Path, *, suite: str | None = None, device: str = "cpu",
+             dtype: torch.dtype = torch.bfloat16, attn_implementation: str = "sdpa") -> OpenVLAOFT:
+    """Build the adapter from a checkpoint: every tensor it needs is loaded, or a one-line error."""
+    from transformers import AutoTokenizer
+
+    root = resolve(source)
+    config = _read_json(root / "config.json")
+    norm_stats = config.get("norm_stats") or _read_json(root / "dataset_statistics.json")
+    spec = OFTSpec(vision_backbone_id=config["vision_backbone_id"],
+                   image_size=config.get("image_sizes", [224])[0], text_config=config["text_config"])
+    tokenizer = AutoTokenizer.from_pretrained(str(root))
+    with torch.device(device):
+        model = OpenVLAOFT(spec, tokenizer, norm_stats, unnorm_key(norm_stats, suite), attn_implementation)
+    model.to(dtype)
+    wanted = model.state_dict()
+    loaded: set[str] = set()
+    for state in _weight_files(root):
+        state = {k: v for k, v in state.items() if not _unused(k, spec)}
+        state = {k.replace(".gamma", ".scale_factor"): v for k, v in state.items()}  # timm's own name
+        unexpected = sorted(set(state) - set(wanted))
+        if unexpected:
+            raise PrunebenchError(f"checkpoint {root}: unexpected tensor {unexpected[0]!r} "
+                                  f"(and {len(unexpected) - 1} more); is it an OpenVLA-OFT checkpoint?")
+        for key, value in state.items():
+            if value.shape != wanted[key].shape:
+                raise PrunebenchError(f"checkpoint {root}: tensor {key!r} has shape {tuple(value.shape)}, "
+                                      f"the model expects {tuple(wanted[key].shape)}")
+        model.load_state_dict(state, strict=False)
+        loaded |= set(state)
+    missing = sorted(set(wanted) - loaded)
+    if missing:
+        raise PrunebenchError(f"checkpoint {root} lacks tensor {missing[0]!r} (and {len(missing) - 1} more)")
+    return model.eval()
+
+
+def _unused(key: str, spec: OFTSpec) -> bool:
+    """Tensors the forward never reads: the LM head, and each tower's last block, final norm and
+    pooling head (OFT takes the second-to-last block's output)."""
+    if key.startswith("language_model.lm_head."):
+        return True
+    for name, tower in zip(("featurizer", "fused_featurizer"), spec.towers):
+        prefix = f"vision_backbone.{name}."
+        if key.startswith(prefix):
+            rest = key[len(prefix):]
+            return rest.startswith((f"blocks.{tower.depth - 1}.", "norm.", "attn_pool.", "head.", "fc_norm."))
+    return False
+
+
+def _weight_files(root: Path):
+    """Every state dict of the checkpoint, one at a time (shards are large)."""
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(_read_json(index)["weight_map"].values()))
+    else:
+        shards = [p.name for p in sorted(root.glob("*.safetensors"))]
+    if not shards:
+        raise PrunebenchError(f"checkpoint {root} has no *.safetensors weights")
+    for shard in shards:
+        yield load_file(str(root / shard))
+    for module, pattern in HEAD_FILES.items():
+        yield {f"{module}.{k.removeprefix('module.')}": v for k, v in _head_file(root, pattern).items()}
+
+
+def _head_file(root: Path, pattern: str) -> dict:
+    files = sorted(root.glob(pattern.format(step="*")),
+                   key=lambda p: int(re.search(r"--(\d+)_", p.name).group(1)))
+    if not files:
+        raise PrunebenchError(f"checkpoint {root} has no {pattern.format(step='<step>')} (L1-regression "
+                              "OFT checkpoints ship one)")
+    return torch.load(files[-1], map_location="cpu", weights_only=True)  # the latest step
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise PrunebenchError(f"checkpoint file missing: {path}")
+    return json.loads(path.read_text())
+
+
+def write_checkpoint(model: OpenVLAOFT, root: str | Path, *, step: int = 1, shard_size: int = 1 << 20) -> Path:
+    """Save ``model`` in the released layout (sharded safetensors with an index, DDP-prefixed .pt
+    heads, config.json with norm stats, tokenizer). Used to test the loader without the 15 GB files."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()
+             if not k.startswith(tuple(HEAD_FILES))}
+    shards, current, size = [], {}, 0
+    for key, value in state.items():
+        current[key] = value
+        size += value.numel() * value.element_size()
+        if size >= shard_size:
+            shards.append(current)
+            current, size = {}, 0
+    shards += [current] if current else []
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(root / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    (root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    for module, pattern in HEAD_FILES.items():
+        sub = getattr(model, module).state_dict()
+        torch.save({f"module.{k}": v for k, v in sub.items()}, root / pattern.format(step=step))
+    config = {"architectures": ["OpenVLAForActionPrediction"], "model_type": "openvla",
+              "vision_backbone_id": model.cfg.vision_backbone_id, "image_sizes": [model.cfg.image_size] * 2,
+              "use_fused_vision_backbone": True, "text_config": model.cfg.text_config,
+              "norm_stats": model.norm_stats}
+    (root / "config.json").write_text(json.dumps(config, indent=1))
+    (root / "dataset_statistics.json").write_text(json.dumps(model.norm_stats, indent=1))
+    model.tokenizer.save_pretrained(str(root))
+    return root
