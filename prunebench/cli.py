@@ -326,6 +326,20 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_check_oft(args) -> int:
+    from prunebench.check_oft import check, print_report
+
+    output = _output_path(args.output, "check_oft", False) if args.output else None
+    report = check(args.checkpoint, suite=args.suite, device=args.device, n=args.observations,
+                   reference=args.reference, tolerance=args.tolerance, synthetic=args.synthetic)
+    print_report(report)
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(report, indent=2))
+        print(f"wrote {output}")
+    return 0 if report["passed"] else 1
+
+
 def _add_model_arguments(p) -> None:
     p.add_argument("--model", help="MiniOFT safetensors file, or an OpenVLA-OFT checkpoint directory or hub "
                                    "id (default: the built-in model)")
@@ -456,6 +470,27 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("synthetic stream")
     g.add_argument("--queries", type=int, default=24)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
+        "check-oft", help="check that the engine reproduces an OpenVLA-OFT checkpoint's own actions",
+        description="Runs the engine's dense layer loop and the checkpoint's own predict_action "
+                    "(OpenVLA-OFT's released code, --reference openvla) on the same observations and "
+                    "reports the largest difference of the predicted action chunks in the head's "
+                    "normalised units. Exit status 1 when it exceeds --tolerance. See docs/gpu.md.")
+    p.add_argument("checkpoint", help="checkpoint directory or hub id, e.g. "
+                                      "moojink/openvla-7b-oft-finetuned-libero-object")
+    p.add_argument("--suite", help="LIBERO suite: picks the norm stats and the observations (first "
+                                   "frame of each task); without LIBERO, synthetic frames are used")
+    p.add_argument("--device", default="cuda", help="cuda (default) or cpu")
+    p.add_argument("--observations", type=int, default=8, help="how many observations (default 8)")
+    p.add_argument("--synthetic", action="store_true", help="synthetic frames even when LIBERO is installed")
+    p.add_argument("--reference", choices=["openvla", "adapter"], default="openvla",
+                   help="openvla: the checkpoint's own remote code (default); adapter: our module's "
+                        "LlamaModel.forward (no OFT code needed)")
+    p.add_argument("--tolerance", type=float, default=0.05,
+                   help="largest accepted difference (default 0.05: bfloat16 kernels differ)")
+    p.add_argument("-o", "--output", help="write the report as JSON")
+    p.set_defaults(func=cmd_check_oft)
 
     from prunebench.cli_study import add_parsers
 

@@ -70,14 +70,12 @@ def unnorm_key(norm_stats: dict, suite: str | None) -> str:
 def load_oft(source: str | Path, *, suite: str | None = None, device: str = "cpu",
              dtype: torch.dtype = torch.bfloat16, attn_implementation: str = "sdpa") -> OpenVLAOFT:
     """Build the adapter from a checkpoint: every tensor it needs is loaded, or a one-line error."""
-    from transformers import AutoTokenizer
-
     root = resolve(source)
     config = _read_json(root / "config.json")
     norm_stats = config.get("norm_stats") or _read_json(root / "dataset_statistics.json")
     spec = OFTSpec(vision_backbone_id=config["vision_backbone_id"],
                    image_size=config.get("image_sizes", [224])[0], text_config=config["text_config"])
-    tokenizer = AutoTokenizer.from_pretrained(str(root))
+    tokenizer = _tokenizer(root)
     with torch.device(device):
         model = OpenVLAOFT(spec, tokenizer, norm_stats, unnorm_key(norm_stats, suite), attn_implementation)
     model.to(dtype)
@@ -100,6 +98,21 @@ def load_oft(source: str | Path, *, suite: str | None = None, device: str = "cpu
     if missing:
         raise PrunebenchError(f"checkpoint {root} lacks tensor {missing[0]!r} (and {len(missing) - 1} more)")
     return model.eval()
+
+
+def _tokenizer(root: Path):
+    """The checkpoint's fast tokenizer, by the class its tokenizer_config.json names (AutoTokenizer
+    would first parse config.json, whose model_type "openvla" only OFT's remote code knows)."""
+    import transformers
+
+    name = _read_json(root / "tokenizer_config.json").get("tokenizer_class") or "PreTrainedTokenizerFast"
+    found = [getattr(transformers, n) for n in (f"{name.removesuffix('Fast')}Fast", name) if hasattr(transformers, n)]
+    if not found and (root / "tokenizer.json").is_file():
+        found = [transformers.PreTrainedTokenizerFast]
+    if not found:
+        raise PrunebenchError(f"checkpoint {root}: tokenizer class {name!r} is not in transformers")
+    cls = found[0]
+    return cls.from_pretrained(str(root))
 
 
 def _unused(key: str, spec: OFTSpec) -> bool:

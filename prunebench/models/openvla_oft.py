@@ -409,25 +409,39 @@ class OpenVLAOFT(nn.Module):
         """(B, 56, D) -> (B, 8, 7) normalised actions."""
         return self.action_head.model(readout.reshape(readout.shape[0], self.cfg.chunk, -1))
 
-    def unnormalize_actions(self, normalized: torch.Tensor) -> torch.Tensor:
-        """BOUNDS_Q99 inverse on masked dims, then the LIBERO gripper convention of OFT's eval:
-        gripper [0, 1] -> [-1, 1], binarised by sign, inverted (-1 open, +1 close)."""
-        a = normalized.float().cpu().numpy()
+    def unnormalize_q99(self, normalized: np.ndarray) -> np.ndarray:
+        """OFT's _unnormalize_actions (BOUNDS_Q99) on the masked dimensions; the gripper passes as is."""
         low, high = self._action_stats["q01"], self._action_stats["q99"]
-        a = np.where(self._action_mask, 0.5 * (a + 1) * (high - low + 1e-8) + low, a)
+        return np.where(self._action_mask, 0.5 * (normalized + 1) * (high - low + 1e-8) + low, normalized)
+
+    def normalize_q99(self, actions: np.ndarray) -> np.ndarray:
+        """The inverse of unnormalize_q99 (to compare actions in the head's units)."""
+        low, high = self._action_stats["q01"], self._action_stats["q99"]
+        return np.where(self._action_mask, 2 * (actions - low) / (high - low + 1e-8) - 1, actions)
+
+    def unnormalize_actions(self, normalized: torch.Tensor) -> torch.Tensor:
+        """Env actions: unnormalize_q99, then the LIBERO gripper convention of OFT's eval: gripper
+        [0, 1] -> [-1, 1], binarised by sign, inverted (-1 open, +1 close)."""
+        a = self.unnormalize_q99(normalized.float().cpu().numpy())
         a[..., -1] = -np.sign(2 * a[..., -1] - 1)
         return torch.as_tensor(a, dtype=torch.float32)
 
     # -- the model's own forward, the engine's reference
     @torch.inference_mode()
-    def predict(self, obs: Observation) -> torch.Tensor:
-        """Dense actions through ``LlamaModel.forward``, read at predict_action's fixed offsets."""
+    def predict_normalized(self, obs: Observation) -> np.ndarray:
+        """Dense (8, 7) head output through ``LlamaModel.forward``, read at predict_action's fixed
+        offsets (NUM_PATCHES + NUM_PROMPT_TOKENS), independent of the engine's layout bookkeeping."""
         enc = self.encode(obs)
         hidden = forward_bidirectional(self.llm, enc.embeds)
         num_patches = enc.layout.n_visual + 1  # + proprio
         n_prompt = enc.layout.prompt[1] - enc.layout.prompt[0]
         start = num_patches + n_prompt
-        return self.unnormalize_actions(self.head(hidden[:, start:start + self.cfg.chunk * self.cfg.action_dim]))[0]
+        readout = hidden[:, start:start + self.cfg.chunk * self.cfg.action_dim]
+        return self.head(readout)[0].float().cpu().numpy()
+
+    def predict(self, obs: Observation) -> torch.Tensor:
+        """Dense env actions of the model's own forward."""
+        return self.unnormalize_actions(torch.as_tensor(self.predict_normalized(obs)))
 
 
 def _template_ids(tokenizer) -> tuple[list[int], list[int]]:
