@@ -166,3 +166,22 @@ def test_vision_towers_match_timm():
         with torch.inference_mode():
             expected = timm_vit.get_intermediate_layers(x, n={spec.depth - 2})[0]
             assert torch.allclose(ours(x), expected, atol=1e-5)
+
+
+def test_gpu_benchmark_script_runs_at_toy_width(tmp_path):
+    """benchmarks/gpu_oft7b.py measures the 7B shape on a GPU; --smoke runs the same code on the CPU."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "gpu_oft7b.py"
+    spec = importlib.util.spec_from_file_location("gpu_oft7b", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "gpu.json"
+    assert module.main(["--smoke", "--rounds", "1", "--warmup", "1", "--strategies", "random", "specprune-vla",
+                        "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [r["strategy"] for r in report["rows"]] == ["none", "random", "specprune-vla"]
+    assert report["sequence_length"] == 571 + report["prompt_tokens"]
+    random_row = report["rows"][1]
+    assert random_row["mean_visual_tokens"] == 256 and random_row["flops_ideal_speedup"] > 1.5
