@@ -20,8 +20,11 @@ import torch
 import transformers
 from packaging.version import Version
 
-# Before 4.48 a None mask means causal SDPA; pass an explicit zero mask instead.
-NEEDS_ZERO_MASK = Version(transformers.__version__).release < (4, 48)
+_RELEASE = Version(transformers.__version__).release
+# Before 4.48 a None mask means causal SDPA in a layer call; pass an explicit zero mask instead.
+NEEDS_ZERO_MASK = _RELEASE < (4, 48)
+# Before 5.0, LlamaModel.forward ignores config.is_causal and builds a causal mask unless given one.
+FORWARD_NEEDS_MASK = _RELEASE < (5,)
 
 
 def make_bidirectional(llm) -> None:
@@ -63,9 +66,9 @@ def forward_bidirectional(llm, embeds: torch.Tensor, position_ids: torch.Tensor 
     """The library's own ``LlamaModel.forward``, bidirectional: last hidden state (after the final norm).
 
     The reference the engine's layer loop is tested against."""
-    # A 4-D mask of ones attends everywhere under both meanings a 4-D mask has had before 4.48:
+    # A 4-D mask of ones attends everywhere under both meanings a 4-D mask has had before 5.0:
     # 1 = attend (4.40, 4.41), and additive (4.42+: a constant shift, which softmax ignores).
-    mask = torch.ones_like(zero_mask(embeds)) if NEEDS_ZERO_MASK else None
+    mask = torch.ones_like(zero_mask(embeds)) if FORWARD_NEEDS_MASK else None
     return llm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
                use_cache=False).last_hidden_state
 

@@ -95,7 +95,8 @@ def test_recomputed_attention_matches_eager_weights(tiny_model, obs):
         with torch.inference_mode():
             x = layer.input_layernorm(h)
             if hasattr(tiny_model.llm, "rotary_emb"):
-                weights = layer.self_attn(x, position_embeddings=(cos, sin), attention_mask=None)[1]
+                weights = layer.self_attn(x, position_embeddings=(cos, sin), attention_mask=None,
+                                          output_attentions=True)[1]  # 4.44-4.47: eager fallback
             else:  # transformers < 4.44: SDPA falls back to eager for output_attentions, rotary inside
                 weights = layer.self_attn(x, attention_mask=None, position_ids=layout.positions[None],
                                           output_attentions=True)[1]

@@ -31,16 +31,15 @@ def load_model(path: str | Path | None = None, seed: int = 0, *, suite: str | No
     normalisation statistics. OFT runs in bfloat16 on a GPU and float32 on the CPU.
     Returns the model and a description for results files (source, sha256, config).
     """
-    from prunebench.models.oft_checkpoint import is_oft_checkpoint, load_oft
+    from prunebench.models.oft_checkpoint import is_oft_checkpoint
 
     if path and is_oft_checkpoint(path):
-        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-        model = load_oft(path, suite=suite, device=device, dtype=dtype)
-        info = {"source": str(path), "trained": True, "kind": "openvla-oft", "unnorm_key": model.unnorm_key,
-                "dtype": str(dtype).removeprefix("torch."), "device": str(device),
-                "config": model.cfg.model_dump(),
-                "parameters": sum(p.numel() for p in model.parameters())}
-        return model, info
+        key = (str(path), suite, str(device))
+        if key not in _OFT_LOADED:  # 15 GB: load once per process (a comparison runs many strategies)
+            _OFT_LOADED.clear()
+            _OFT_LOADED[key] = _load_oft(path, suite, device)
+        model, info = _OFT_LOADED[key]
+        return model, dict(info)
     path = Path(path) if path else builtin_weights()
     if path is None:
         model = MiniOFT.random(seed=seed)
@@ -54,6 +53,20 @@ def load_model(path: str | Path | None = None, seed: int = 0, *, suite: str | No
     info["config"] = model.cfg.model_dump()
     info["parameters"] = sum(p.numel() for p in model.parameters())
     return model.to(device), info
+
+
+_OFT_LOADED: dict[tuple, tuple] = {}
+
+
+def _load_oft(path, suite: str | None, device: str):
+    from prunebench.models.oft_checkpoint import load_oft
+
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    model = load_oft(path, suite=suite, device=device, dtype=dtype)
+    info = {"source": str(path), "trained": True, "kind": "openvla-oft", "unnorm_key": model.unnorm_key,
+            "dtype": str(dtype).removeprefix("torch."), "device": str(device), "config": model.cfg.model_dump(),
+            "parameters": sum(p.numel() for p in model.parameters())}
+    return model, info
 
 
 __all__ = ["MiniOFT", "MiniOFTConfig", "load_model", "builtin_weights"]
