@@ -323,6 +323,7 @@ class OpenVLAOFT(nn.Module):
         self._action_stats = {k: np.asarray(stats["action"][k]) for k in ("q01", "q99")}
         self._action_mask = np.asarray(stats["action"].get("mask", np.ones(spec.action_dim, bool)))
         self._proprio_stats = {k: np.asarray(stats["proprio"][k]) for k in ("q01", "q99")}
+        self._proprio_mask = np.asarray(stats["proprio"].get("mask", np.ones(spec.proprio_dim, bool)))
         self._head_ids, self._tail_ids = _template_ids(tokenizer)
 
     # -- what the engine reads
@@ -373,10 +374,11 @@ class OpenVLAOFT(nn.Module):
         return torch.cat(planes)[None].to(self.device, self.dtype)
 
     def normalize_proprio(self, proprio) -> torch.Tensor:
-        """BOUNDS_Q99 to [-1, 1], clipped (OFT's normalize_proprio)."""
+        """BOUNDS_Q99 to [-1, 1] on masked dimensions, then clipped (OFT's normalize_proprio)."""
         low, high = self._proprio_stats["q01"], self._proprio_stats["q99"]
         p = np.asarray(proprio, dtype=np.float64)
-        return torch.as_tensor(np.clip(2 * (p - low) / (high - low + 1e-8) - 1, -1, 1), dtype=torch.float32)
+        unit = np.where(self._proprio_mask, 2 * (p - low) / (high - low + 1e-8) - 1, p)
+        return torch.as_tensor(np.clip(unit, -1, 1), dtype=torch.float32)
 
     def layout_for(self, n_prompt: int) -> TokenLayout:
         g = self.cfg.grid
