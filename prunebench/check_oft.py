@@ -62,7 +62,7 @@ class OpenVLAReference:
         except ImportError as err:
             raise PrunebenchError(f"--reference openvla needs OpenVLA-OFT's code (pip install -e openvla-oft; "
                                   f"docs/gpu.md): {err}") from None
-        from prunebench.models.oft_checkpoint import HEAD_FILES, _head_file
+        from prunebench.models.oft_checkpoint import head_state_dict
 
         self.model, self.device = model, device
         self.vla = AutoModelForVision2Seq.from_pretrained(str(root), torch_dtype=torch.bfloat16,
@@ -73,8 +73,7 @@ class OpenVLAReference:
         modules = {"action_head": L1RegressionActionHead(input_dim=d, hidden_dim=d, action_dim=model.cfg.action_dim),
                    "proprio_projector": ProprioProjector(llm_dim=d, proprio_dim=model.cfg.proprio_dim)}
         for name, module in modules.items():
-            state = {k.removeprefix("module."): v for k, v in _head_file(root, HEAD_FILES[name]).items()}
-            module.load_state_dict(state)
+            module.load_state_dict(head_state_dict(root, name))
             module.to(device, torch.bfloat16).eval()
         self.head, self.proprio_projector = modules["action_head"], modules["proprio_projector"]
 

@@ -185,3 +185,15 @@ def test_gpu_benchmark_script_runs_at_toy_width(tmp_path):
     assert report["sequence_length"] == 571 + report["prompt_tokens"]
     random_row = report["rows"][1]
     assert random_row["mean_visual_tokens"] == 256 and random_row["flops_ideal_speedup"] > 1.5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_in_bfloat16_every_strategy_runs_and_dense_matches_the_own_forward(checkpoint, oft_obs):
+    model = load_oft(checkpoint, suite="libero_object", device="cuda", dtype=torch.bfloat16)
+    engine = PruningEngine(model)
+    dense = engine.query(MANAGER.create("none"), oft_obs)
+    assert np.abs(dense.normalized - model.predict_normalized(oft_obs)).max() < 2e-2
+    assert dense.record.ms["llm"] > 0
+    for name in MANAGER.strategies():
+        assert np.isfinite(engine.query(MANAGER.create(name), oft_obs, frames=[oft_obs.images] * 3).actions).all()

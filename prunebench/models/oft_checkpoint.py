@@ -139,17 +139,21 @@ def _weight_files(root: Path):
         raise PrunebenchError(f"checkpoint {root} has no *.safetensors weights")
     for shard in shards:
         yield load_file(str(root / shard))
-    for module, pattern in HEAD_FILES.items():
-        yield {f"{module}.{k.removeprefix('module.')}": v for k, v in _head_file(root, pattern).items()}
+    for module in HEAD_FILES:
+        yield {f"{module}.{k}": v for k, v in head_state_dict(root, module).items()}
 
 
-def _head_file(root: Path, pattern: str) -> dict:
+def head_state_dict(root: Path, module: str) -> dict:
+    """The state dict of ``proprio_projector`` or ``action_head`` from its .pt file (the latest step),
+    without the DDP "module." prefix."""
+    pattern = HEAD_FILES[module]
     files = sorted(root.glob(pattern.format(step="*")),
                    key=lambda p: int(re.search(r"--(\d+)_", p.name).group(1)))
     if not files:
         raise PrunebenchError(f"checkpoint {root} has no {pattern.format(step='<step>')} (L1-regression "
                               "OFT checkpoints ship one)")
-    return torch.load(files[-1], map_location="cpu", weights_only=True)  # the latest step
+    state = torch.load(files[-1], map_location="cpu", weights_only=True)
+    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 def _read_json(path: Path) -> dict:
