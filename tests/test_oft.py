@@ -76,6 +76,15 @@ def test_every_strategy_runs_unchanged_on_the_oft_structure(oft, oft_obs):
     assert pruned.record.visual_per_layer[0] == 128
 
 
+def test_model_paths_are_told_apart(checkpoint, tmp_path):
+    from prunebench.models.oft_checkpoint import is_oft_checkpoint
+
+    assert is_oft_checkpoint(checkpoint) and is_oft_checkpoint("moojink/openvla-7b-oft-finetuned-libero-object")
+    assert not is_oft_checkpoint("data/missing.safetensors") and not is_oft_checkpoint(tmp_path)
+    with pytest.raises(PrunebenchError, match="model weights not found: data/missing.safetensors"):
+        load_model("data/missing.safetensors")
+
+
 def test_norm_stats_are_chosen_by_suite():
     stats = tiny_norm_stats()
     assert unnorm_key(stats, "libero_goal") == "libero_goal_no_noops"

@@ -30,11 +30,13 @@ HEAD_FILES = {"proprio_projector": "proprio_projector--{step}_checkpoint.pt",
 
 
 def is_oft_checkpoint(source: str | Path) -> bool:
-    """A local directory with an OFT config.json, or a hub id (``owner/name``, not a file here)."""
+    """A local directory with an OFT config.json, or a hub id (``owner/name``: nothing by that name
+    here, and not a .safetensors file name)."""
     path = Path(source)
     if path.is_dir():
         return (path / "config.json").is_file() and "vision_backbone_id" in _read_json(path / "config.json")
-    return not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) is not None
+    hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) is not None
+    return hub_id and not path.exists() and path.suffix != ".safetensors"
 
 
 def resolve(source: str | Path) -> Path:
