@@ -85,9 +85,7 @@ def main(argv=None) -> int:
     extra = parse_overrides(args.set)
     model, model_info = load_model(args.model)
     engine = PruningEngine(model)
-    builtin = [n for n, r in MANAGER.strategies().items()
-               if r.plugin.startswith("strategies.") and n != "none"]
-    names = args.strategies or builtin
+    names = args.strategies or MANAGER.builtin_strategies()
     variants = {("none", 1.0, "dense"): MANAGER.create("none")}
     for name in names:
         paper = paper_variants(name, model.cfg.n_layers)

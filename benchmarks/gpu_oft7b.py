@@ -88,24 +88,21 @@ def main(argv=None) -> int:
         model = oft7b(args.device, args.attn)
         print(f"built the OFT-7B-shaped model in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     engine = PruningEngine(model)
-    builtin = [n for n, r in MANAGER.strategies().items() if r.plugin.startswith("strategies.") and n != "none"]
-    names = ["none"] + [n for n in (args.strategies or builtin) if n != "none"]
+    names = ["none"] + [n for n in (args.strategies or MANAGER.builtin_strategies()) if n != "none"]
     strategies = {n: MANAGER.create(n, OVERRIDES.get(n, {})) for n in names}
     stream = SyntheticStream(n_queries=args.warmup + args.rounds, image_size=256, instruction=INSTRUCTION)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     results = run_interleaved(engine, strategies, stream)
     timed = {n: rs[args.warmup:] for n, rs in results.items()}
-    dense = {stage: float(np.median([r.record.ms[stage] for r in timed["none"]]))
-             for stage in ("vision", "llm", "head", "overhead", "total")}
+    median_ms = lambda name, stage: float(np.median([r.record.ms[stage] for r in timed[name]]))  # noqa: E731
+    dense = {stage: median_ms("none", stage) for stage in ("vision", "llm", "head", "total")}
     rows = []
     for row in compare_rows(timed):
-        stage_ms = {stage: float(np.median([r.record.ms[stage] for r in timed[row.strategy]]))
-                    for stage in ("vision", "head")}
         config = strategies[row.strategy].config.model_dump()
         budget = {k: config[k] for k in ("keep_ratio", "gate") if k in config}
-        rows.append({**row.model_dump(), "vision_ms_median": stage_ms["vision"],
-                     "head_ms_median": stage_ms["head"], "budget": str(budget or "paper default")})
+        rows.append({**row.model_dump(), "vision_ms_median": median_ms(row.strategy, "vision"),
+                     "head_ms_median": median_ms(row.strategy, "head"), "budget": str(budget or "paper default")})
     layout = model.encode(next(iter(stream)).observation).layout
     env = environment()
     gpu = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu (smoke)"

@@ -25,7 +25,7 @@ import torch
 
 from prunebench.errors import PrunebenchError
 from prunebench.interface import Observation
-from prunebench.models.openvla_oft import PROMPT, OpenVLAOFT, oft_frame
+from prunebench.models.openvla_oft import PROMPT, OpenVLAOFT
 
 
 def observations(n: int, suite: str | None, size: int = 256, seed: int = 0) -> tuple[list[Observation], str]:
@@ -70,8 +70,9 @@ class OpenVLAReference:
         self.vla.vision_backbone.set_num_images_in_input(len(model.cfg.views))
         self.processor = AutoProcessor.from_pretrained(str(root), trust_remote_code=True)
         d = self.vla.llm_dim
-        modules = {"action_head": L1RegressionActionHead(input_dim=d, hidden_dim=d, action_dim=model.cfg.action_dim),
-                   "proprio_projector": ProprioProjector(llm_dim=d, proprio_dim=model.cfg.proprio_dim)}
+        modules = {
+            "action_head": L1RegressionActionHead(input_dim=d, hidden_dim=d, action_dim=model.cfg.action_dim),
+            "proprio_projector": ProprioProjector(llm_dim=d, proprio_dim=model.cfg.proprio_dim)}
         for name, module in modules.items():
             module.load_state_dict(head_state_dict(root, name))
             module.to(device, torch.bfloat16).eval()
@@ -81,12 +82,14 @@ class OpenVLAReference:
     def __call__(self, obs: Observation) -> np.ndarray:
         from PIL import Image
 
-        size = self.model.cfg.image_size
-        frames = [Image.fromarray(oft_frame(np.ascontiguousarray(obs.images[v]), size)) for v in self.model.cfg.views]
+        # the adapter's resized, centre-cropped frames (exact uint8 values) as the processor's input
+        images = (self.model.preprocess_images(obs) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+        frames = [Image.fromarray(image) for image in images]
         prompt = PROMPT.format(task=obs.instruction.lower())
-        inputs = self.processor(prompt, frames[0]).to(self.device, dtype=torch.bfloat16)
-        extra = [self.processor(prompt, f)["pixel_values"].to(self.device, dtype=torch.bfloat16) for f in frames[1:]]
+        inputs = self.processor(prompt, frames[0])
+        extra = [self.processor(prompt, f)["pixel_values"] for f in frames[1:]]  # wrist view(s)
         inputs["pixel_values"] = torch.cat([inputs["pixel_values"], *extra], dim=1)
+        inputs = inputs.to(self.device, dtype=torch.bfloat16)
         proprio = self.model.normalize_proprio(obs.proprio).numpy()
         actions, _ = self.vla.predict_action(**inputs, unnorm_key=self.model.unnorm_key, proprio=proprio,
                                              proprio_projector=self.proprio_projector, action_head=self.head,
@@ -119,12 +122,17 @@ def check(checkpoint: str, *, suite: str | None, device: str, n: int, reference:
         diff = np.abs(ours - theirs)
         rows.append({"observation": i, "instruction": obs.instruction, "max_abs_diff": float(diff.max()),
                      "mean_abs_diff": float(diff.mean()),
-                     "gripper_agrees": bool((np.sign(ours[:, -1] - 0.5) == np.sign(theirs[:, -1] - 0.5)).all())})
+                     "gripper_agrees": bool((_gripper(ours) == _gripper(theirs)).all())})
     worst = max(r["max_abs_diff"] for r in rows)
     return {"checkpoint": str(checkpoint), "reference": reference, "observations": source,
             "unnorm_key": model.unnorm_key, "dtype": info["dtype"], "device": device,
             "attention_backend": model.attn_implementation, "tolerance": tolerance,
             "max_abs_diff": worst, "passed": worst <= tolerance, "rows": rows, "environment": environment()}
+
+
+def _gripper(normalized: np.ndarray) -> np.ndarray:
+    """The gripper decision of each step (the head predicts it in [0, 1]; OFT's eval splits at 0.5)."""
+    return np.sign(normalized[:, -1] - 0.5)
 
 
 def print_report(report: dict) -> None:

@@ -166,7 +166,8 @@ def cmd_replay(args) -> int:
 
     strategy = MANAGER.create(args.strategy, parse_overrides(args.set))
     streams = [RecordedStream(p) for p in stream_files(args.streams)]
-    engine, _ = _engine(args.model, args.seed, args.device, streams[0].header.get("suite") if streams else None)
+    suite = streams[0].header.get("suite") if streams else None  # picks an OFT checkpoint's norm stats
+    engine, _ = _engine(args.model, args.seed, args.device, suite)
     report = replay(engine, strategy, streams, seed=args.seed, name=args.strategy)
     a = report.action_l1
     print(f"{args.strategy}: {report.n_queries} queries from {report.n_streams} streams; action L1 vs "
@@ -189,7 +190,8 @@ def cmd_run_stream(args) -> int:
     if args.config:
         run = load_run_config(args.config)
     elif args.strategy:
-        run = RunConfig(strategy=args.strategy, seed=args.seed or 0, model=args.model, device=args.device or "cpu")
+        run = RunConfig(strategy=args.strategy, seed=args.seed or 0, model=args.model,
+                        device=args.device or "cpu")
     else:
         raise PrunebenchError("give --strategy NAME or --config FILE")
     overrides = parse_overrides(args.set)
@@ -238,7 +240,8 @@ def cmd_compare_libero(args) -> int:
     results, files = {}, {}
     for name, overrides in _strategies_to_compare(args.strategies, args.keep_ratio).items():
         cfg = EvalConfig(strategy=name, config=overrides, seed=args.seed, model=args.model,
-                         device=args.device or "cpu", camera_size=args.camera_size, suite=args.suite, tasks=args.tasks, episodes=args.episodes,
+                         device=args.device or "cpu", camera_size=args.camera_size, suite=args.suite,
+                         tasks=args.tasks, episodes=args.episodes,
                          workers=args.workers, render_quality=args.render_quality,
                          hard_reset=not args.fast_reset)
         files[name] = str(out_dir / f"{name}.json")

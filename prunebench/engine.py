@@ -2,9 +2,10 @@
 
 The engine owns the loop over transformers' Llama decoder layers so that it can physically remove
 visual tokens before the LLM or after any layer (gathering hidden states, positions and rotary
-tables), keep attention bidirectional after every removal (llama_compat.run_layer: one call for
-every supported transformers release), compute only the signals a plan asks for, read the actions out through the kept-position
-map with one convention for every strategy, and account tokens, FLOPs and time per stage.
+tables), keep attention bidirectional after every removal (llama_compat.run_layer, for every
+supported transformers release), compute only the signals a plan asks for, read the actions out
+through the kept-position map with one convention for every strategy, and account tokens, FLOPs
+and time per stage.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ import torch
 
 from prunebench import signals as sig
 from prunebench.accounting import QueryRecord, StageRecord, StageTimer, llm_flops
-from prunebench.llama_compat import rotary, run_layer
 from prunebench.errors import EngineError, StrategyError
 from prunebench.interface import (BEFORE_LLM, SIGNAL_KINDS, Observation, PrunePlan, QueryContext,
                                   Signals, SignalRequest, Stage, Strategy)
 from prunebench.layout import ROW_GROUPS, TokenLayout
+from prunebench.llama_compat import rotary, run_layer
 
 
 @dataclass

@@ -121,6 +121,10 @@ class PluginManager:
         self._strategies = dict(sorted(registry.items()))
         return self._strategies
 
+    def builtin_strategies(self) -> list[str]:
+        """Names of the strategies shipped with prunebench (package ``strategies``), dense excluded."""
+        return [n for n, r in self.strategies().items() if r.plugin.startswith("strategies.") and n != "none"]
+
     def get(self, name: str) -> type[Strategy]:
         strategies = self.strategies()
         if name not in strategies:

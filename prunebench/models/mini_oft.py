@@ -16,7 +16,6 @@ Weights and normalisation statistics are saved together as one safetensors file.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -117,7 +116,6 @@ class Encoded:
     embeds: torch.Tensor  # (1, L, D)
     layout: TokenLayout
     images: torch.Tensor  # (views, 3, S, S) preprocessed, in [0, 1]
-    vision_ms: float
 
 
 class MiniOFT(nn.Module):
@@ -234,12 +232,10 @@ class MiniOFT(nn.Module):
 
     @torch.inference_mode()
     def encode(self, obs: Observation) -> Encoded:
-        t0 = time.perf_counter()
         images = self.preprocess_images(obs)
         ids = torch.tensor([self.tokenizer.prompt_ids(obs.instruction)])
         embeds = self.embed(images[None], self.normalize_proprio(obs.proprio)[None], ids)
-        vision_ms = (time.perf_counter() - t0) * 1e3
-        return Encoded(embeds, self.layout_for(ids.shape[1]), images, vision_ms)
+        return Encoded(embeds, self.layout_for(ids.shape[1]), images)
 
     def patch_pixels(self, images: torch.Tensor) -> torch.Tensor:
         return patch_pixels(images, self.cfg.patch_size)

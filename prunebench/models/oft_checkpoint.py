@@ -108,13 +108,12 @@ def _tokenizer(root: Path):
     import transformers
 
     name = _read_json(root / "tokenizer_config.json").get("tokenizer_class") or "PreTrainedTokenizerFast"
-    found = [getattr(transformers, n) for n in (f"{name.removesuffix('Fast')}Fast", name) if hasattr(transformers, n)]
-    if not found and (root / "tokenizer.json").is_file():
-        found = [transformers.PreTrainedTokenizerFast]
-    if not found:
-        raise PrunebenchError(f"checkpoint {root}: tokenizer class {name!r} is not in transformers")
-    cls = found[0]
-    return cls.from_pretrained(str(root))
+    for candidate in (f"{name.removesuffix('Fast')}Fast", name):  # the fast class first
+        if hasattr(transformers, candidate):
+            return getattr(transformers, candidate).from_pretrained(str(root))
+    if (root / "tokenizer.json").is_file():  # e.g. a class name from a newer transformers
+        return transformers.PreTrainedTokenizerFast.from_pretrained(str(root))
+    raise PrunebenchError(f"checkpoint {root}: tokenizer class {name!r} is not in transformers")
 
 
 def _unused(key: str, spec: OFTSpec) -> bool:
@@ -164,13 +163,16 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def write_checkpoint(model: OpenVLAOFT, root: str | Path, *, step: int = 1, shard_size: int = 1 << 20) -> Path:
+def write_checkpoint(model: OpenVLAOFT, root: str | Path, *, step: int = 1, shard_size: int = 1 << 20,
+                     extra_tensors: dict | None = None) -> Path:
     """Save ``model`` in the released layout (sharded safetensors with an index, DDP-prefixed .pt
-    heads, config.json with norm stats, tokenizer). Used to test the loader without the 15 GB files."""
+    heads, config.json with norm stats, tokenizer), plus ``extra_tensors`` in the shards (tensors a
+    release has that the adapter skips). Used to test the loader without the 15 GB files."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()
              if not k.startswith(tuple(HEAD_FILES))}
+    state.update(extra_tensors or {})
     shards, current, size = [], {}, 0
     for key, value in state.items():
         current[key] = value

@@ -9,12 +9,10 @@ download, and `benchmarks/gpu_oft7b.py --smoke` run anywhere.
 
 from __future__ import annotations
 
-import json
 from importlib import resources
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from prunebench.models.oft_checkpoint import write_checkpoint
 from prunebench.models.openvla_oft import EMPTY_PIECE, OFTSpec, OpenVLAOFT
@@ -75,7 +73,6 @@ def write_tiny_checkpoint(root: str | Path, seed: int = 0) -> Path:
     """A tiny random checkpoint in the released layout, including the tensors the adapter skips
     (LM head, each tower's last block and final norm) so that their handling is exercised."""
     model = build_tiny_oft(seed)
-    root = write_checkpoint(model, root)
     extra = {"language_model.lm_head.weight": torch.randn(len(model.tokenizer), model.llm.config.hidden_size)}
     for name, tower in zip(("featurizer", "fused_featurizer"), model.cfg.towers):
         last = getattr(model.vision_backbone, name).blocks[-1]
@@ -83,8 +80,4 @@ def write_tiny_checkpoint(root: str | Path, seed: int = 0) -> Path:
         extra.update({f"{prefix}blocks.{tower.depth - 1}.{k}": v.clone() for k, v in last.state_dict().items()})
         extra.update({f"{prefix}norm.weight": torch.ones(tower.embed_dim),
                       f"{prefix}norm.bias": torch.zeros(tower.embed_dim)})
-    save_file(extra, str(root / "model-extra.safetensors"))
-    index = json.loads((root / "model.safetensors.index.json").read_text())
-    index["weight_map"].update({k: "model-extra.safetensors" for k in extra})
-    (root / "model.safetensors.index.json").write_text(json.dumps(index))
-    return root
+    return write_checkpoint(model, root, extra_tensors=extra)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import io
 import math
-import time
 
 import numpy as np
 import torch
@@ -276,8 +275,8 @@ def center_crop(image: np.ndarray, area: float = CROP_AREA) -> np.ndarray:
     lo, hi = (1 - side) / 2, (1 + side) / 2
     x = torch.tensor(image, dtype=torch.float32) / 255.0
 
-    def sample_axis(n: int):
-        coords = lo * (n - 1) + torch.arange(n, dtype=torch.float64) * (hi - lo) * (n - 1) / (n - 1)
+    def sample_axis(n: int):  # TF: y1*(n-1) + i*(y2-y1)*(n-1)/(crop-1), and crop == n here
+        coords = lo * (n - 1) + torch.arange(n, dtype=torch.float64) * (hi - lo)
         low = coords.floor().long().clamp(0, n - 1)
         high = coords.ceil().long().clamp(0, n - 1)
         return low, high, (coords - coords.floor()).float()
@@ -320,10 +319,8 @@ class OpenVLAOFT(nn.Module):
         self.action_head = L1RegressionActionHead(d, spec.action_dim)
         self.norm_stats, self.unnorm_key = norm_stats, unnorm_key
         stats = norm_stats[unnorm_key]
-        self._action_stats = {k: np.asarray(stats["action"][k]) for k in ("q01", "q99")}
-        self._action_mask = np.asarray(stats["action"].get("mask", np.ones(spec.action_dim, bool)))
-        self._proprio_stats = {k: np.asarray(stats["proprio"][k]) for k in ("q01", "q99")}
-        self._proprio_mask = np.asarray(stats["proprio"].get("mask", np.ones(spec.proprio_dim, bool)))
+        self._action_bounds = _Q99Bounds(stats["action"])
+        self._proprio_bounds = _Q99Bounds(stats["proprio"])
         self._head_ids, self._tail_ids = _template_ids(tokenizer)
 
     # -- what the engine reads
@@ -375,9 +372,7 @@ class OpenVLAOFT(nn.Module):
 
     def normalize_proprio(self, proprio) -> torch.Tensor:
         """BOUNDS_Q99 to [-1, 1] on masked dimensions, then clipped (OFT's normalize_proprio)."""
-        low, high = self._proprio_stats["q01"], self._proprio_stats["q99"]
-        p = np.asarray(proprio, dtype=np.float64)
-        unit = np.where(self._proprio_mask, 2 * (p - low) / (high - low + 1e-8) - 1, p)
+        unit = self._proprio_bounds.to_unit(np.asarray(proprio, dtype=np.float64))
         return torch.as_tensor(np.clip(unit, -1, 1), dtype=torch.float32)
 
     def layout_for(self, n_prompt: int) -> TokenLayout:
@@ -388,7 +383,6 @@ class OpenVLAOFT(nn.Module):
 
     @torch.inference_mode()
     def encode(self, obs: Observation) -> Encoded:
-        t0 = time.perf_counter()
         images = self.preprocess_images(obs)
         visual = self.projector(self.vision_backbone(self.pixel_values(images)))
         proprio = self.proprio_projector(self.normalize_proprio(obs.proprio).to(self.device, self.dtype))
@@ -399,9 +393,7 @@ class OpenVLAOFT(nn.Module):
         actions = torch.zeros(1, self.cfg.chunk * self.cfg.action_dim, text.shape[-1], device=self.device,
                               dtype=text.dtype)  # predict_action zeroes the placeholder embeddings
         embeds = torch.cat([text[:, :1], visual, proprio[None, None], text[:, 1:-1], actions, text[:, -1:]], 1)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        return Encoded(embeds, self.layout_for(len(ids)), images, (time.perf_counter() - t0) * 1e3)
+        return Encoded(embeds, self.layout_for(len(ids)), images)
 
     def patch_pixels(self, images: torch.Tensor) -> torch.Tensor:
         return patch_pixels(images, self.cfg.towers[0].patch)
@@ -413,13 +405,11 @@ class OpenVLAOFT(nn.Module):
 
     def unnormalize_q99(self, normalized: np.ndarray) -> np.ndarray:
         """OFT's _unnormalize_actions (BOUNDS_Q99) on the masked dimensions; the gripper passes as is."""
-        low, high = self._action_stats["q01"], self._action_stats["q99"]
-        return np.where(self._action_mask, 0.5 * (normalized + 1) * (high - low + 1e-8) + low, normalized)
+        return self._action_bounds.from_unit(normalized)
 
     def normalize_q99(self, actions: np.ndarray) -> np.ndarray:
         """The inverse of unnormalize_q99 (to compare actions in the head's units)."""
-        low, high = self._action_stats["q01"], self._action_stats["q99"]
-        return np.where(self._action_mask, 2 * (actions - low) / (high - low + 1e-8) - 1, actions)
+        return self._action_bounds.to_unit(actions)
 
     def unnormalize_actions(self, normalized: torch.Tensor) -> torch.Tensor:
         """Env actions: unnormalize_q99, then the LIBERO gripper convention of OFT's eval: gripper
@@ -444,6 +434,21 @@ class OpenVLAOFT(nn.Module):
     def predict(self, obs: Observation) -> torch.Tensor:
         """Dense env actions of the model's own forward."""
         return self.unnormalize_actions(torch.as_tensor(self.predict_normalized(obs)))
+
+
+class _Q99Bounds:
+    """OFT's BOUNDS_Q99 normalisation of one quantity: [q01, q99] <-> [-1, 1] on the dimensions its
+    mask marks (all when it has none); other dimensions pass unchanged."""
+
+    def __init__(self, stats: dict) -> None:
+        self.low, self.high = np.asarray(stats["q01"]), np.asarray(stats["q99"])
+        self.mask = np.asarray(stats.get("mask", np.ones_like(self.low, dtype=bool)))
+
+    def to_unit(self, x: np.ndarray) -> np.ndarray:
+        return np.where(self.mask, 2 * (x - self.low) / (self.high - self.low + 1e-8) - 1, x)
+
+    def from_unit(self, x: np.ndarray) -> np.ndarray:
+        return np.where(self.mask, 0.5 * (x + 1) * (self.high - self.low + 1e-8) + self.low, x)
 
 
 def _template_ids(tokenizer) -> tuple[list[int], list[int]]:
