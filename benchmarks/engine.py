@@ -7,7 +7,7 @@ measured in one process with all variants interleaved in shuffled order per
 round (so machine noise hits all alike):
 
 * LLM speedup     = median dense LLM ms / median pruned LLM ms (decoder layers + final norm)
-* FLOPs-ideal     = dense LLM FLOPs / pruned LLM FLOPs (methods.md §0.3)
+* FLOPs-ideal     = dense LLM FLOPs / pruned LLM FLOPs (prunebench/accounting.py)
 * ratio           = LLM speedup / FLOPs-ideal
 * overhead %      = median pruning overhead (schedule + signals + score + select + gather)
                     / median query time
@@ -23,6 +23,7 @@ import sys
 
 import numpy as np
 
+from prunebench.baseline import DENSE, Dense
 from prunebench.compare import format_table
 from prunebench.config import parse_overrides
 from prunebench.engine import PruningEngine
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
     model, model_info = load_model(args.model)
     engine = PruningEngine(model)
     names = args.strategies or MANAGER.builtin_strategies()
-    variants = {("none", 1.0, "dense"): MANAGER.create("none")}
+    variants = {(DENSE, 1.0, "dense"): Dense()}
     for name in names:
         paper = paper_variants(name, model.cfg.n_layers)
         if paper is not None:
@@ -118,10 +119,10 @@ def main(argv=None) -> int:
                 "flops": float(np.mean([r.record.llm_flops for r in rs])),
                 "visual": float(np.mean([np.mean(r.record.visual_per_layer) for r in rs]))}
 
-    dense = stats(("none", 1.0, "dense"))
+    dense = stats((DENSE, 1.0, "dense"))
     rows = []
     for key in variants:
-        if key[0] == "none":
+        if key[0] == DENSE:
             continue
         s = stats(key)
         speedup, ideal = dense["llm"] / s["llm"], dense["flops"] / s["flops"]

@@ -22,10 +22,11 @@ import argparse
 import sys
 import time
 
-import numpy as np
 import torch
 from pydantic import BaseModel
 
+from prunebench import metrics
+from prunebench.baseline import DENSE
 from prunebench.compare import compare_rows, format_table
 from prunebench.engine import PruningEngine
 from prunebench.models.oft_tiny import build_tiny_oft, tiny_norm_stats, tiny_tokenizer
@@ -88,21 +89,21 @@ def main(argv=None) -> int:
         model = oft7b(args.device, args.attn)
         print(f"built the OFT-7B-shaped model in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     engine = PruningEngine(model)
-    names = ["none"] + [n for n in (args.strategies or MANAGER.builtin_strategies()) if n != "none"]
+    names = [DENSE] + [n for n in (args.strategies or MANAGER.builtin_strategies()) if n != DENSE]
     strategies = {n: MANAGER.create(n, OVERRIDES.get(n, {})) for n in names}
     stream = SyntheticStream(n_queries=args.warmup + args.rounds, image_size=256, instruction=INSTRUCTION)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     results = run_interleaved(engine, strategies, stream)
     timed = {n: rs[args.warmup:] for n, rs in results.items()}
-    median_ms = lambda name, stage: float(np.median([r.record.ms[stage] for r in timed[name]]))  # noqa: E731
-    dense = {stage: median_ms("none", stage) for stage in ("vision", "llm", "head", "total")}
+    median_ms = lambda name, stage: metrics.latency_ms([r.record.ms for r in timed[name]], stage)  # noqa: E731
+    dense = {stage: median_ms(DENSE, stage) for stage in ("vision", "llm", "head", "total")}
     rows = []
     for row in compare_rows(timed):
         config = strategies[row.strategy].config.model_dump()
         budget = {k: config[k] for k in ("keep_ratio", "gate") if k in config}
-        rows.append({**row.model_dump(), "vision_ms_median": median_ms(row.strategy, "vision"),
-                     "head_ms_median": median_ms(row.strategy, "head"), "budget": str(budget or "paper default")})
+        rows.append({**row.model_dump(), "vision_ms": median_ms(row.strategy, "vision"),
+                     "head_ms": median_ms(row.strategy, "head"), "budget": str(budget or "paper default")})
     layout = model.encode(next(iter(stream)).observation).layout
     env = environment()
     gpu = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu (smoke)"
@@ -113,9 +114,9 @@ def main(argv=None) -> int:
           f"{dense['head']:.1f} ms; {args.rounds} rounds after {args.warmup} warm-up")
     print(format_table(rows, [
         ("strategy", "strategy", ""), ("mean_visual_tokens", "visual tok", ".1f"),
-        ("total_ms_median", "query ms", ".2f"), ("vision_ms_median", "vision ms", ".2f"),
-        ("llm_ms_median", "LLM ms", ".2f"), ("head_ms_median", "head ms", ".2f"),
-        ("overhead_ms_median", "overhead ms", ".2f"), ("speedup_total", "e2e speedup", ".2f"),
+        ("query_ms", "query ms", ".2f"), ("vision_ms", "vision ms", ".2f"),
+        ("llm_ms", "LLM ms", ".2f"), ("head_ms", "head ms", ".2f"),
+        ("overhead_ms", "overhead ms", ".2f"), ("speedup_total", "e2e speedup", ".2f"),
         ("speedup_llm", "LLM speedup", ".2f"), ("flops_ideal_speedup", "FLOPs-ideal", ".2f"),
         ("budget", "budget", "")]))
     spec_row = next((r for r in rows if r["strategy"] == "specprune-vla"), None)

@@ -1,9 +1,11 @@
 """Closed-loop throughput: episodes per hour with cameras rendered every step (as OpenVLA-OFT's
 stock eval does) vs only at the steps a policy consumes, with 1 vs N worker processes.
 
-Every variant runs full-length libero_object episodes under the stock protocol (10 wait steps +
+Every variant runs libero_object task 0 episodes under the stock protocol (10 wait steps + at most
 280 steps, default renderer settings, hard resets) with the dense built-in model and no dense
-reference. The untrained model never succeeds, so every episode runs to the limit: the worst case.
+reference. The committed results were measured with an earlier, untrained built-in model, which
+never succeeded, so every episode ran to the limit (the worst case); with the shipped policy an
+episode ends early when it succeeds.
 
 * episodes/hour       = episodes / wall time of the whole run (process and env start-up included)
 * s/episode           = mean wall time of one episode inside a worker (steady state)

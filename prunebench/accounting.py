@@ -1,6 +1,7 @@
 """Per-query accounting: tokens per layer, analytic FLOPs, time per stage.
 
-FLOPs follow methods.md §0.3: one decoder layer at sequence length n costs
+FLOPs follow FastV's per-layer count (Chen et al., arXiv 2403.06764), with three FFN matrices for
+Llama's gated MLP where FastV counts two: one decoder layer at sequence length n costs
 F(n) = 4·n·d² + 2·n²·d + 3·n·d·m multiply-accumulates (d hidden, m FFN width). We report
 ``llm_flops = 2 · Σ_layers F(n_layer)`` (one MAC = 2 FLOPs), which is how ADP's 7.91 TFLOPs for the
 dense OFT-7B reads.
@@ -43,6 +44,9 @@ class QueryRecord(BaseModel):
     llm_flops: float
     dense_llm_flops: float
     ms: dict[str, float] = Field(default_factory=dict)  # vision / llm / head / overhead / total
+    # CPU time of the thread that ran the query, over the same span as ms["total"]: far below the
+    # wall time means the query waited for a CPU (prunebench.contention)
+    cpu_ms: float | None = None
     stages: list[StageRecord] = Field(default_factory=list)
 
     @property
@@ -59,6 +63,7 @@ class StageTimer:
     def __init__(self, sync=None) -> None:
         self.ms = {name: 0.0 for name in STAGES}
         self.sync = sync or (lambda: None)
+        self._cpu_start = time.thread_time()
         self._start = time.perf_counter()
 
     @contextmanager
@@ -74,4 +79,5 @@ class StageTimer:
     def total(self) -> dict[str, float]:
         out = dict(self.ms)
         out["total"] = (time.perf_counter() - self._start) * 1e3
+        self.cpu_ms = (time.thread_time() - self._cpu_start) * 1e3  # this thread's CPU time, same span
         return out

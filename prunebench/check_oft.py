@@ -6,11 +6,13 @@ same observations to
 
 * the engine's dense layer loop on our adapter (what every strategy runs on), and
 * the checkpoint's own ``OpenVLAForActionPrediction.predict_action`` (remote code, trust_remote_code)
-  with OFT's own ``L1RegressionActionHead`` and ``ProprioProjector`` loaded from the .pt files,
+  with OFT's own ``L1RegressionActionHead`` and ``ProprioProjector`` loaded from the .pt files and the
+  norm stats of dataset_statistics.json, as OFT's evaluation loads them,
 
 and reports the difference of the predicted action chunks in the head's normalised [-1, 1] units.
-Both sides see the same resized, centre-cropped frames and the same normalised proprio, so the
-difference measures the model, not the image pipeline (which `docs/gpu.md` discusses).
+Both sides run in the same dtype (bfloat16 on CUDA, float32 on the CPU) and see the same resized,
+centre-cropped frames and the same normalised proprio, so the difference measures the model, not the
+image pipeline (which `docs/gpu.md` discusses).
 
 ``--reference adapter`` compares against the adapter's own ``LlamaModel.forward`` instead: it needs no
 OFT code and is what the tests run on the tiny checkpoint.
@@ -18,11 +20,14 @@ OFT code and is what the tests run on the tiny checkpoint.
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from prunebench.baseline import Dense
 from prunebench.errors import PrunebenchError
 from prunebench.interface import Observation
 from prunebench.models.openvla_oft import PROMPT, OpenVLAOFT
@@ -52,7 +57,7 @@ def observations(n: int, suite: str | None, size: int = 256, seed: int = 0) -> t
 
 
 class OpenVLAReference:
-    """The checkpoint's own predict_action, through OFT's released code."""
+    """The checkpoint's own predict_action, through OFT's released code, in the adapter's dtype."""
 
     def __init__(self, root: Path, model: OpenVLAOFT, device: str) -> None:
         try:
@@ -64,10 +69,15 @@ class OpenVLAReference:
                                   f"docs/gpu.md): {err}") from None
         from prunebench.models.oft_checkpoint import head_state_dict
 
-        self.model, self.device = model, device
-        self.vla = AutoModelForVision2Seq.from_pretrained(str(root), torch_dtype=torch.bfloat16,
+        self.model, self.device, self.dtype = model, device, model.dtype
+        self.vla = AutoModelForVision2Seq.from_pretrained(str(root), torch_dtype=self.dtype,
                                                           low_cpu_mem_usage=True, trust_remote_code=True).to(device)
         self.vla.vision_backbone.set_num_images_in_input(len(model.cfg.views))
+        # as OFT's eval (experiments/robot/openvla_utils.py, _load_dataset_stats): fine-tuning's statistics
+        # replace config.json's, which may be only the base model's
+        stats = root / "dataset_statistics.json"
+        if stats.is_file():
+            self.vla.norm_stats = json.loads(stats.read_text())
         self.processor = AutoProcessor.from_pretrained(str(root), trust_remote_code=True)
         d = self.vla.llm_dim
         modules = {
@@ -75,7 +85,7 @@ class OpenVLAReference:
             "proprio_projector": ProprioProjector(llm_dim=d, proprio_dim=model.cfg.proprio_dim)}
         for name, module in modules.items():
             module.load_state_dict(head_state_dict(root, name))
-            module.to(device, torch.bfloat16).eval()
+            module.to(device, self.dtype).eval()
         self.head, self.proprio_projector = modules["action_head"], modules["proprio_projector"]
 
     @torch.inference_mode()
@@ -89,7 +99,7 @@ class OpenVLAReference:
         inputs = self.processor(prompt, frames[0])
         extra = [self.processor(prompt, f)["pixel_values"] for f in frames[1:]]  # wrist view(s)
         inputs["pixel_values"] = torch.cat([inputs["pixel_values"], *extra], dim=1)
-        inputs = inputs.to(self.device, dtype=torch.bfloat16)
+        inputs = inputs.to(self.device, dtype=self.dtype)
         proprio = self.model.normalize_proprio(obs.proprio).numpy()
         actions, _ = self.vla.predict_action(**inputs, unnorm_key=self.model.unnorm_key, proprio=proprio,
                                              proprio_projector=self.proprio_projector, action_head=self.head,
@@ -103,13 +113,15 @@ def check(checkpoint: str, *, suite: str | None, device: str, n: int, reference:
     from prunebench.engine import PruningEngine
     from prunebench.models import load_model
     from prunebench.models.oft_checkpoint import is_oft_checkpoint, resolve
-    from prunebench.plugins import MANAGER
     from prunebench.versions import environment
 
     if not is_oft_checkpoint(checkpoint):
         raise PrunebenchError(f"checkpoint {checkpoint!r} is neither an OpenVLA-OFT directory nor a hub id")
+    if reference == "openvla":
+        print("note: --reference openvla runs the checkpoint's own Python code (trust_remote_code=True)",
+              file=sys.stderr)
     model, info = load_model(checkpoint, suite=suite, device=device)
-    engine, dense = PruningEngine(model), MANAGER.create("none")
+    engine, dense = PruningEngine(model), Dense()
     if reference == "openvla":
         ref = OpenVLAReference(resolve(checkpoint), model, device)
     else:

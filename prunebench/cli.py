@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from prunebench.baseline import DENSE
 from prunebench.errors import PrunebenchError
 
 EPILOG = """examples:
@@ -52,6 +53,9 @@ def cmd_plugins(args) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     for row in rows:
+        if row.get("broken"):
+            print(f"{row['name']}  BROKEN: {row['broken']}")
+            continue
         kind = "built-in" if row["builtin"] else row["distribution"]
         print(f"{row['name']}  {row['version']}  ({kind})")
         print(f"    hooks: {', '.join(row['hooks'])}")
@@ -71,10 +75,12 @@ def cmd_validate(args) -> int:
     return 0
 
 
-def _engine(model_path, seed, device=None, suite=None):
+def _engine(model_path, seed, device=None, suite=None, threads=None):
+    from prunebench.contention import set_threads
     from prunebench.engine import PruningEngine
     from prunebench.models import load_model
 
+    set_threads(threads)  # this process measures: its torch threads (default: every core) are set
     model, info = load_model(model_path, seed=seed, suite=suite, device=device or "cpu")
     if not info["trained"]:
         print("note: no trained weights found; using a randomly initialised built-in model",
@@ -109,7 +115,7 @@ def cmd_run_libero(args) -> int:
         dense_reference=False if args.no_dense_reference else None,
         video_dir=args.video_dir or ("results/videos" if args.video else None),
         record_dir=args.record_streams, record_history=args.record_history,
-        skip_first_actions=args.skip_first_actions)
+        skip_first_actions=args.skip_first_actions, threads=args.threads)
     if args.set:
         cfg = cfg.model_copy(update={"config": {**cfg.config, **parse_overrides(args.set)}})
     output = _output_path(args.output, f"{cfg.suite}_{cfg.strategy}", args.overwrite)
@@ -161,18 +167,20 @@ def cmd_suites(args) -> int:
 def cmd_replay(args) -> int:
     from prunebench.config import parse_overrides
     from prunebench.plugins import MANAGER
+    from prunebench.contention import summary_line
     from prunebench.replay import RecordedStream, replay, stream_files
     from prunebench.results import write_json
 
     strategy = MANAGER.create(args.strategy, parse_overrides(args.set))
     streams = [RecordedStream(p) for p in stream_files(args.streams)]
     suite = streams[0].header.get("suite") if streams else None  # picks an OFT checkpoint's norm stats
-    engine, _ = _engine(args.model, args.seed, args.device, suite)
+    engine, _ = _engine(args.model, args.seed, args.device, suite, args.threads)
     report = replay(engine, strategy, streams, seed=args.seed, name=args.strategy)
-    a = report.action_l1
-    print(f"{args.strategy}: {report.n_queries} queries from {report.n_streams} streams; action L1 vs "
+    a = report.action_error
+    print(f"{args.strategy}: {report.n_queries} queries from {report.n_streams} streams; action error vs "
           f"dense mean {a.mean:.4f}, median {a.median:.4f}, p90 {a.p90:.4f}; speedup vs dense "
           f"{report.speedup_vs_dense['total']:.2f} (LLM {report.speedup_vs_dense['llm']:.2f})")
+    print(summary_line(report.contention))
     if args.output:
         write_json(_output_path(args.output, "replay", args.overwrite), report)
         print(f"wrote {args.output}")
@@ -180,7 +188,11 @@ def cmd_replay(args) -> int:
 
 
 def cmd_run_stream(args) -> int:
+    import torch
+
     from prunebench.config import RunConfig, load_run_config, parse_overrides
+    from prunebench.contention import load_average, of_records, summary_line
+    from prunebench.models import model_device
     from prunebench.plugins import MANAGER
     from prunebench.results import QuerySummary, RunResults, StrategyInfo, write_json
     from prunebench.runner import run_stream
@@ -196,23 +208,27 @@ def cmd_run_stream(args) -> int:
         raise PrunebenchError("give --strategy NAME or --config FILE")
     overrides = parse_overrides(args.set)
     strategy = MANAGER.create(run.strategy, {**run.config, **overrides})
-    engine, model_info = _engine(run.model, run.seed, run.device)
+    engine, model_info = _engine(run.model, run.seed, run.device, threads=args.threads or run.threads)
+    device = model_device(engine.model)
     stream = SyntheticStream(n_queries=args.queries, seed=run.seed,
                              image_size=engine.model.cfg.image_size)
+    load_start = load_average()
     results = run_stream(engine, strategy, stream, seed=run.seed)
     records = [r.record for r in results]
     out = RunResults(
         command=" ".join(["prunebench"] + sys.argv[1:]), seed=run.seed,
-        strategy=StrategyInfo(name=run.strategy, config=strategy.config.model_dump(),
-                              position_ids=strategy.position_ids,
-                              plugin=MANAGER.strategies()[run.strategy].plugin),
+        strategy=StrategyInfo.of(run.strategy, strategy),
         model=model_info, source=stream.describe(), attention_backend=engine.attention_backend,
-        environment=environment(), summary=QuerySummary.of(records), queries=records)
+        environment=environment(device, torch.get_num_threads()), summary=QuerySummary.of(records),
+        contention=of_records(records, [load_start, load_average()], device=device), queries=records)
     path = write_json(_output_path(args.output, f"stream_{run.strategy}", args.overwrite), out)
     s = out.summary
     print(f"{run.strategy}: {s.n_queries} queries, median {s.latency_ms['total'].median:.2f} ms "
-          f"(LLM {s.latency_ms['llm'].median:.2f} ms), mean visual tokens {s.mean_visual_tokens:.1f}, "
-          f"LLM FLOPs {s.mean_llm_flops / 1e9:.3f} G (dense {s.dense_llm_flops / 1e9:.3f} G)")
+          f"(LLM {s.latency_ms['llm'].median:.2f} ms){' *contended*' if out.contention.contended else ''}, "
+          f"mean visual tokens {s.mean_visual_tokens:.1f}, "
+          f"LLM FLOPs {s.mean_llm_flops / 1e9:.3f} G (dense {s.dense_llm_flops / 1e9:.3f} G); "
+          f"{out.environment['torch_threads']} threads on {device}")
+    print(summary_line(out.contention))
     print(f"wrote {path}")
     return 0
 
@@ -222,9 +238,9 @@ def _strategies_to_compare(names: list[str] | None, keep_ratio: float) -> dict[s
     from prunebench.plugins import MANAGER
 
     names = names or list(MANAGER.strategies())
-    out = {"none": {}}
+    out = {DENSE: {}}
     for name in names:
-        if name != "none":
+        if name != DENSE:
             fields = MANAGER.get(name).Config.model_fields
             out[name] = {"keep_ratio": keep_ratio} if "keep_ratio" in fields else {}
     return out
@@ -233,6 +249,7 @@ def _strategies_to_compare(names: list[str] | None, keep_ratio: float) -> dict[s
 def cmd_compare_libero(args) -> int:
     from prunebench.closed_loop import EvalConfig, evaluate
     from prunebench.compare import CLOSED_LOOP_COLUMNS, closed_loop_rows, format_table
+    from prunebench.contention import table_note
 
     out_dir = Path(args.output or f"results/compare_{args.suite}_{_stamp()}")
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -243,7 +260,7 @@ def cmd_compare_libero(args) -> int:
                          device=args.device or "cpu", camera_size=args.camera_size, suite=args.suite,
                          tasks=args.tasks, episodes=args.episodes,
                          workers=args.workers, render_quality=args.render_quality,
-                         hard_reset=not args.fast_reset)
+                         hard_reset=not args.fast_reset, threads=args.threads)
         files[name] = str(out_dir / f"{name}.json")
         print(f"{name}: {args.episodes} episode(s) per task ...", file=sys.stderr, flush=True)
         results[name] = evaluate(cfg, files[name], " ".join(["prunebench"] + sys.argv[1:]))
@@ -253,6 +270,9 @@ def cmd_compare_libero(args) -> int:
           f"init state 0, policy {first.model['source']}, backend {first.attention_backend}, "
           f"stock protocol: {first.protocol['stock']}")
     print(format_table([r.model_dump() for r in rows], CLOSED_LOOP_COLUMNS))
+    note = table_note(r.contended for r in rows)
+    if note:
+        print(note)
     print(f"wrote {out_dir}/<strategy>.json")
     return 0
 
@@ -260,27 +280,37 @@ def cmd_compare_libero(args) -> int:
 def cmd_compare(args) -> int:
     if args.suite:
         return cmd_compare_libero(args)
+    import torch
+
     from prunebench.compare import COMPARISON_COLUMNS, compare_rows, format_table
+    from prunebench.contention import load_average, table_note
+    from prunebench.models import model_device
     from prunebench.plugins import MANAGER
-    from prunebench.results import write_json
+    from prunebench.results import StrategyInfo, write_json
     from prunebench.runner import run_interleaved
     from prunebench.streams import SyntheticStream
     from prunebench.versions import environment
     from pydantic import BaseModel
 
-    engine, model_info = _engine(args.model, args.seed, args.device)
+    engine, model_info = _engine(args.model, args.seed, args.device, threads=args.threads)
+    device = model_device(engine.model)
     strategies = {name: MANAGER.create(name, overrides)
                   for name, overrides in _strategies_to_compare(args.strategies, args.keep_ratio).items()}
     stream = SyntheticStream(n_queries=args.queries, seed=args.seed, image_size=engine.model.cfg.image_size)
     # warm-up so the first timed queries do not pay one-off allocation costs
     run_interleaved(engine, strategies, SyntheticStream(n_queries=2, seed=args.seed + 1,
                                                         image_size=engine.model.cfg.image_size))
+    load_start = load_average()
     results = run_interleaved(engine, strategies, stream, seed=args.seed)
-    rows = compare_rows(results)
+    rows = compare_rows(results, load_avg=[load_start, load_average()], device=device)
+    env = environment(device, torch.get_num_threads())
     print(f"{args.queries} queries of a synthetic stream, keep ratio {args.keep_ratio}, model "
           f"{model_info['source']}, backend {engine.attention_backend}, "
-          f"{environment()['torch_threads']} threads")
+          f"{env['torch_threads']} threads on {device}")
     print(format_table([r.model_dump() for r in rows], COMPARISON_COLUMNS))
+    note = table_note(r.contended for r in rows)
+    if note:
+        print(note)
 
     class Comparison(BaseModel):
         command: str
@@ -288,14 +318,16 @@ def cmd_compare(args) -> int:
         keep_ratio: float
         model: dict
         attention_backend: str
-        environment: dict
+        environment: dict  # versions, git hash, device, torch threads
+        strategies: dict  # name -> StrategyInfo: config, plugin, distribution, version
         configs: dict
-        rows: list
+        rows: list  # each with its contention evidence and verdict
 
     if args.output:
         write_json(args.output, Comparison(
             command=" ".join(["prunebench"] + sys.argv[1:]), seed=args.seed, keep_ratio=args.keep_ratio,
-            model=model_info, attention_backend=engine.attention_backend, environment=environment(),
+            model=model_info, attention_backend=engine.attention_backend, environment=env,
+            strategies={n: StrategyInfo.of(n, s).model_dump() for n, s in strategies.items()},
             configs={n: s.config.model_dump() for n, s in strategies.items()},
             rows=[r.model_dump() for r in rows]))
         print(f"wrote {args.output}")
@@ -343,10 +375,24 @@ def cmd_check_oft(args) -> int:
     return 0 if report["passed"] else 1
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def _add_model_arguments(p) -> None:
     p.add_argument("--model", help="MiniOFT safetensors file, or an OpenVLA-OFT checkpoint directory or hub "
                                    "id (default: the built-in model)")
     p.add_argument("--device", help="cpu (default) or cuda[:N]; OpenVLA-OFT runs in bfloat16 on cuda")
+    p.add_argument("--threads", type=positive_int, metavar="N",
+                   help="torch threads of each process that measures (default: the cores / the "
+                        "processes running at once)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -507,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except PrunebenchError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code
 
 
 if __name__ == "__main__":

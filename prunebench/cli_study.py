@@ -16,7 +16,7 @@ STUDY_HELP = """Optuna studies over strategy configs: accuracy-latency Pareto fr
   prunebench study resume studies/object_pareto.yaml    continue a study that exists
   prunebench study show studies/object_pareto.yaml      trials, fronts, hypervolume
   prunebench study export studies/object_pareto.yaml -o fronts.csv
-  prunebench plot studies/object_pareto.yaml -o docs/figures/object_pareto
+  prunebench plot studies/object_pareto.yaml            plots, PNG and PDF, in <results_dir>/plots
 
 The definition file's fields are documented in docs/studies.md."""
 
@@ -75,6 +75,8 @@ def cmd_study_show(args) -> int:
     columns = [("strategy", "strategy", ""), ("trial", "trial", "d")] + [
         (o, o, ".4g") for o in defn.objectives] + [
         ("keep_ratio", "keep ratio", ".2f"), ("feasible", "feasible", ""), ("params", "params", "")]
+    if "n_errors" in df and df["n_errors"].notna().any():  # closed loop: episodes that raised
+        columns[2:2] = [("n_episodes", "episodes", ".0f"), ("n_errors", "errors", ".0f")]
     front = df[df["front"] | df["dense"]]
     print(f"\nPareto front per strategy ({', '.join(f'{o} {d}' for o, d in zip(defn.objectives, defn.directions))}):")
     print(format_table(front.to_dict("records"), columns))

@@ -1,6 +1,7 @@
 """Closed-loop LIBERO evaluation: episodes in parallel processes, results written as they finish.
 
-The protocol is OpenVLA-OFT's LIBERO eval (libero.md §8, openvla-oft.md): official init states
+The protocol is OpenVLA-OFT's LIBERO eval (Kim et al., arXiv 2502.19645; ``experiments/robot/libero/
+run_libero_eval.py`` in github.com/moojink/openvla-oft): official init states
 (episode k of a task starts from init state ``first_init_state + k``), 10 wait steps, the suite's
 stock max steps, one query per chunk of 8 actions executed open-loop, images rotated 180°, proprio
 ``eef_pos + axis-angle + gripper_qpos``. One action-readout convention for every strategy: the
@@ -8,7 +9,8 @@ model's unnormalised actions, clipped to [-1, 1], gripper binarised by sign (-1 
 
 Physics runs every step; cameras render only at query steps and at the ``history_frames`` steps a
 strategy (or the stream recorder) needs before each query. A strategy's ``on_env_step`` may ask for
-an early re-query; the rest of the chunk is then dropped.
+an early re-query; the rest of the chunk is then dropped. So that such a re-query gets its history
+too, a strategy that needs history and overrides ``on_env_step`` has every step rendered.
 
 Unless the strategy is ``none``, every query also runs the dense model on the same observation in
 the same process (in random order), which gives the speedup vs dense and the action deviation; the
@@ -17,13 +19,14 @@ dense actions are never executed.
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import sys
 import time
+import traceback
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
@@ -32,10 +35,12 @@ import multiprocessing as mp
 import numpy as np
 from pydantic import Field, model_validator
 
+from prunebench import metrics
+from prunebench.baseline import DENSE, Dense
 from prunebench.config import RunConfig, load_config
-from prunebench.envs.libero import SimulationError
-from prunebench.errors import PrunebenchError
-from prunebench.interface import EnvStep, Observation
+from prunebench.envs.libero import SimulationError, SimulatorRaised
+from prunebench.errors import PrunebenchError, RunAborted
+from prunebench.interface import EnvStep, Observation, Strategy
 from prunebench.results import (ClosedLoopQuery, EpisodeResult, EvalResults, StrategyInfo,
                                 write_json)
 from prunebench.runner import StreamRunner, query_seed
@@ -64,6 +69,9 @@ class EvalConfig(RunConfig):
     # SpecPrune-VLA's released eval pops its first 9 actions without executing them (the step
     # counter still advances); 0 = execute every action (stock)
     skip_first_actions: int = Field(0, ge=0)
+    # an episode that raises is an error, not a policy failure; the run stops once one error
+    # (type and message) has happened on this many episodes
+    max_repeated_errors: int = Field(2, ge=1)
 
     @model_validator(mode="after")
     def _no_duplicate_tasks(self) -> "EvalConfig":
@@ -91,17 +99,21 @@ def postprocess_action(action: np.ndarray) -> np.ndarray:
 class EpisodeRunner:
     """Everything one process needs to run episodes: model, engine, strategies, a cached env."""
 
-    def __init__(self, cfg: EvalConfig, make_env: Callable[[Job], object] | None = None) -> None:
+    def __init__(self, cfg: EvalConfig, make_env: Callable[[Job], object] | None = None,
+                 threads: int | None = None) -> None:
+        from prunebench.contention import set_threads
         from prunebench.engine import PruningEngine
-        from prunebench.models import load_model
+        from prunebench.models import load_model, model_device
         from prunebench.plugins import MANAGER
 
         self.cfg = cfg
+        set_threads(threads or cfg.threads)  # this process's torch threads (default: every core)
         model, _ = load_model(cfg.model, seed=cfg.seed, suite=cfg.suite, device=cfg.device)
         self.model = model
+        self.device = model_device(model)
         self.engine = PruningEngine(model)
         self.strategy = MANAGER.create(cfg.strategy, cfg.config)
-        self.dense = MANAGER.create("none") if cfg.dense_reference and cfg.strategy != "none" else None
+        self.dense = Dense() if cfg.dense_reference and cfg.strategy != DENSE else None
         self.history = max(self.strategy.history_frames, cfg.record_history)
         self.env = None
         self._env_key = None
@@ -129,29 +141,46 @@ class EpisodeRunner:
         return self.env
 
     def run(self, job: Job) -> EpisodeResult:
+        import torch
+
+        from prunebench.contention import load_average, of_records
+
         t0 = time.perf_counter()
+        load_start = load_average()
         info = {"suite": job.suite, "task_id": job.task_id, "init_state_id": job.init_state_id,
                 "episode_index": job.episode_index, "seed": self.cfg.seed}
         episode = _Episode(self, job)
+        error = trace = None
         try:
             env = self._env_for(job)
             info.update(task=env.task.name, instruction=env.task.instruction)
             episode.play(env)
-        except PrunebenchError:
-            raise  # a usage error (bad config, bad strategy output) stops the run with its message
-        except SimulationError as err:
-            episode.failure = f"simulation: {err}"
+        except SimulatorRaised as err:
+            error, trace = f"{type(err.__cause__ or err).__name__}: {err}", traceback.format_exc()
             self.close()  # a broken env is rebuilt for the next episode
-        except Exception as err:  # noqa: BLE001 - one bad episode must not end the run
-            episode.failure = f"error: {type(err).__name__}: {err}"
+        except SimulationError as err:  # the policy drove the physics unstable: its failure
+            episode.failure = f"simulation: {err}"
+            self.close()
+        except Exception as err:  # noqa: BLE001 - an error of this episode, counted as one
+            error, trace = _one_line(err), traceback.format_exc()
             self.close()
         info.setdefault("task", "")
         info.setdefault("instruction", "")
-        return EpisodeResult(**info, success=episode.success, steps=episode.steps,
+        failure = None if episode.success or error else episode.failure or "timeout"
+        return EpisodeResult(**info, success=episode.success and not error, steps=episode.steps,
                              n_queries=len(episode.queries), early_requeries=episode.requeries,
-                             failure_reason=None if episode.success else episode.failure or "timeout",
+                             failure_reason=failure, error=error, traceback=trace,
                              wall_s=time.perf_counter() - t0, video=episode.video,
-                             stream=episode.stream, queries=episode.queries)
+                             stream=episode.stream, threads=torch.get_num_threads(), device=self.device,
+                             contention=of_records(episode.queries, [load_start, load_average()],
+                                                   device=self.device),
+                             queries=episode.queries)
+
+
+def _one_line(err: BaseException) -> str:
+    """An error as one line: our own errors by their message, others by type and message."""
+    text = str(err) if isinstance(err, PrunebenchError) else f"{type(err).__name__}: {err}"
+    return " ".join(text.split())
 
 
 class _Episode:
@@ -189,6 +218,8 @@ class _Episode:
         queue: deque = deque()
         events: list[EnvStep] = []  # executed since the last query
         rendered: deque = deque(maxlen=self.owner.history + 1)  # (state index, images), newest last
+        # a re-query may come after any step: its history needs every step rendered
+        every_step = self.owner.history > 0 and _may_requery(self.owner.strategy)
         order = random.Random(seed_of_episode)
         while self.steps < max_steps:
             now = WAIT_STEPS + self.steps  # env steps executed so far = index of this state
@@ -216,7 +247,8 @@ class _Episode:
             if runner.observe_step(event) and queue:
                 self.requeries += 1
                 queue.clear()
-            if queue and len(queue) <= self.owner.history:  # a step whose frame a coming query needs
+            needed = every_step or len(queue) <= self.owner.history  # a frame a coming query needs
+            if queue and needed and self.steps < max_steps:
                 rendered.append((now + 1, env.render()))
         if recorder and recorder.items:
             name = f"{job.suite}_task{job.task_id}_init{job.init_state_id}.npz"
@@ -236,9 +268,14 @@ class _Episode:
         record = ClosedLoopQuery(**result.record.model_dump())
         if reference is not None:
             record.dense_ms = reference.record.ms
-            record.action_l1_vs_dense = float(np.abs(result.actions - reference.actions).mean())
+            record.action_error_vs_dense = metrics.action_error(result.normalized, reference.normalized)
         self.queries.append(record)
         return [postprocess_action(a) for a in result.actions]
+
+
+def _may_requery(strategy) -> bool:
+    """Whether the strategy can ask for early re-queries (it overrides ``Strategy.on_env_step``)."""
+    return type(strategy).on_env_step is not Strategy.on_env_step
 
 
 def _frames_before(rendered: deque, now: int, wanted: int) -> list[dict]:
@@ -266,19 +303,19 @@ def _write_video(frames: list[np.ndarray], path: Path) -> str | None:
 
 # --------------------------------------------------------------------------- worker processes
 _WORKER: EpisodeRunner | None = None
+_WORKER_CFG: EvalConfig | None = None
 
 
-def _init_worker(cfg: EvalConfig, threads: int) -> None:
-    global _WORKER
+def _init_worker(cfg: EvalConfig) -> None:
+    global _WORKER_CFG
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    import torch
-
-    torch.set_num_threads(threads)
-    _WORKER = EpisodeRunner(cfg)
+    _WORKER_CFG = cfg  # cfg.threads: this worker's torch threads, set by EpisodeRunner
 
 
 def _run_in_worker(job: Job) -> EpisodeResult:
-    assert _WORKER is not None
+    global _WORKER
+    if _WORKER is None:  # built here, not in the initializer: its errors reach the parent as they are
+        _WORKER = EpisodeRunner(_WORKER_CFG)
     return _WORKER.run(job)
 
 
@@ -319,7 +356,7 @@ def protocol(cfg: EvalConfig, chunk: int) -> dict:
             "render": cfg.render, "render_quality": cfg.render_quality, "hard_reset": cfg.hard_reset,
             "proprio": "eef_pos + quat2axisangle(eef_quat) + gripper_qpos",
             "action_readout": "unnormalised, clipped to [-1, 1], gripper binarised by sign",
-            "dense_reference": cfg.dense_reference and cfg.strategy != "none",
+            "dense_reference": cfg.dense_reference and cfg.strategy != DENSE,
             "skip_first_actions": cfg.skip_first_actions,
             "stock": (max_steps == stock and cfg.render_quality == "stock" and cfg.hard_reset
                       and cfg.skip_first_actions == 0)}
@@ -332,22 +369,26 @@ def evaluate(cfg: EvalConfig, output: str | Path, command: str = "",
     Ctrl-C stops the run: finished episodes are kept, the file is marked ``interrupted``, and the
     KeyboardInterrupt is re-raised after the write.
     """
+    from prunebench.contention import default_threads
     from prunebench.envs.libero import libero_modules
-    from prunebench.models import load_model
+    from prunebench.models import check_device, load_model, model_device
     from prunebench.plugins import MANAGER
     from prunebench.versions import environment
 
+    check_device(cfg.device)
     libero_modules()
     strategy = MANAGER.create(cfg.strategy, cfg.config)  # one-line error on a bad config, before any env
     jobs, init_ids, _ = plan_jobs(cfg)
+    processes = min(cfg.workers, len(jobs)) or 1  # episodes run in this process when 1
+    # every process that measures sets its torch threads: the cores shared by the processes
+    cfg = cfg.model_copy(update={"threads": cfg.threads or default_threads(processes)})
     model, model_info = load_model(cfg.model, seed=cfg.seed, suite=cfg.suite, device=cfg.device)
     results = EvalResults(
         command=command, seed=cfg.seed, config=cfg.model_dump(),
-        strategy=StrategyInfo(name=cfg.strategy, config=strategy.config.model_dump(),
-                              position_ids=strategy.position_ids,
-                              plugin=MANAGER.strategies()[cfg.strategy].plugin),
+        strategy=StrategyInfo.of(cfg.strategy, strategy),
         model=model_info, protocol=protocol(cfg, model.cfg.chunk), init_state_ids=init_ids,
-        attention_backend=model.attn_implementation, environment=environment())
+        attention_backend=model.attn_implementation,
+        environment=environment(model_device(model), cfg.threads, processes))
     del model
     t0 = time.perf_counter()
 
@@ -357,6 +398,10 @@ def evaluate(cfg: EvalConfig, output: str | Path, command: str = "",
         write_json(output, results)
         if on_episode:
             on_episode(episode)
+        repeats = sum(e.error == episode.error for e in results.episodes) if episode.error else 0
+        if repeats >= cfg.max_repeated_errors:
+            raise RunAborted(f"{cfg.strategy}: the same error on {repeats} episodes, run stopped: "
+                             f"{episode.error} (tracebacks in {output})")
 
     write_json(output, results)
     try:
@@ -374,9 +419,17 @@ def evaluate(cfg: EvalConfig, output: str | Path, command: str = "",
         _finish(results, t0)
         write_json(output, results)
         raise
+    except RunAborted as err:
+        results.aborted = str(err)
+        _finish(results, t0)
+        write_json(output, results)
+        raise
     results.complete = True
     _finish(results, t0)
     write_json(output, results)
+    if results.episodes and all(e.error for e in results.episodes):
+        raise RunAborted(f"{cfg.strategy}: every episode errored, e.g. {results.episodes[0].error} "
+                         f"(tracebacks in {output})")
     return results
 
 
@@ -385,19 +438,28 @@ def _finish(results: EvalResults, t0: float) -> None:
     results.episodes_per_hour = 3600 * len(results.episodes) / max(results.eval_s, 1e-9)
     results.episodes.sort(key=lambda e: e.episode_index)
     results.aggregate()
+    # threads and device as the processes that ran the episodes read them
+    for key, field in (("torch_threads", "threads"), ("device", "device")):
+        seen = sorted({getattr(e, field) for e in results.episodes if getattr(e, field) is not None})
+        if seen:
+            results.environment[key] = seen[0] if len(seen) == 1 else seen
 
 
 def _run_pool(cfg: EvalConfig, jobs: list[Job], record: Callable[[EpisodeResult], None]) -> None:
     workers = min(cfg.workers, len(jobs))
-    threads = max(1, (os.cpu_count() or 1) // workers)
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                               initargs=(cfg, threads))
+                               initargs=(cfg,))
     try:
         pending = {pool.submit(_run_in_worker, job) for job in jobs}
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
-                record(future.result())
+                try:
+                    episode = future.result()
+                except BrokenProcessPool:
+                    raise RunAborted("a worker process died (killed, out of memory, or a crash in "
+                                     "native code); finished episodes are kept") from None
+                record(episode)
     except BaseException:
         for process in list(getattr(pool, "_processes", {}).values()):
             process.terminate()  # episodes in flight are dropped; finished ones are already written
@@ -411,15 +473,23 @@ def load_eval_config(path: str | None, **fields) -> EvalConfig:
     return load_config(EvalConfig, path, **fields)
 
 
-def print_summary(results: EvalResults, file=sys.stdout) -> None:
+def print_summary(results: EvalResults, file=None) -> None:
     from prunebench.compare import format_table, group_cells
+    from prunebench.contention import table_note
 
     groups = list(results.per_task.items()) + [("overall", results.overall)]
     rows = [{"task": key, **group_cells(group)} for key, group in groups if group is not None]
-    columns = [("task", "task", ""), ("episodes", "episodes", "d"), ("success_rate", "success", ".2f"),
-               ("success_ci95", "95% CI", ""), ("mean_steps", "mean steps", ".1f"),
-               ("median_query_ms", "query ms", ".2f"), ("speedup_vs_dense", "speedup vs dense", ".2f"),
-               ("mean_visual_tokens", "visual tok", ".1f"), ("llm_gflops", "LLM GFLOPs", ".3f")]
+    columns = [("task", "task", ""), ("episodes", "episodes", "d"), ("errors", "errors", "d"),
+               ("success_rate", "success", ".2f"), ("success_ci95", "95% CI", ""),
+               ("mean_steps", "mean steps", ".1f"),
+               ("query_ms", "query ms", ".2f"), ("dense_query_ms", "dense ms", ".2f"),
+               ("speedup_vs_dense", "speedup vs dense", ".2f"),
+               ("mean_visual_tokens", "visual tok", ".1f"), ("llm_gflops", "LLM GFLOPs", ".3f"),
+               ("contended", "contended", "")]
+    file = file or sys.stdout
     print(format_table(rows, columns), file=file)
+    note = table_note(row["contended"] for row in rows)
+    if note:
+        print(note, file=file)
     print(f"{len(results.episodes)} episodes in {results.eval_s:.0f} s "
           f"({results.episodes_per_hour:.0f} episodes/hour)", file=file)

@@ -22,6 +22,8 @@ class RunConfig(BaseModel):
     # MiniOFT safetensors file, or an OpenVLA-OFT checkpoint directory / hub id; None = the built-in model
     model: str | None = None
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")  # where the model runs
+    # torch threads of each process that measures; None = the cores / the processes measuring at once
+    threads: int | None = Field(None, ge=1)
 
 
 def one_line(err: ValidationError, prefix: str = "", field_prefix: str = "") -> str:

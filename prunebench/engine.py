@@ -17,7 +17,7 @@ import torch
 
 from prunebench import signals as sig
 from prunebench.accounting import QueryRecord, StageRecord, StageTimer, llm_flops
-from prunebench.errors import EngineError, StrategyError
+from prunebench.errors import EngineError, StrategyError, strategy_code
 from prunebench.interface import (BEFORE_LLM, SIGNAL_KINDS, Observation, PrunePlan, QueryContext,
                                   Signals, SignalRequest, Stage, Strategy)
 from prunebench.layout import ROW_GROUPS, TokenLayout
@@ -52,17 +52,17 @@ class PruningEngine:
         with timer("vision"):
             enc = self.model.encode(obs)
         layout = enc.layout
-        ctx = QueryContext(observation=obs, layout=layout.copy(), n_layers=len(self.llm.layers),
-                           query_index=query_index, step_index=step_index, seed=seed,
+        ctx = self.context(obs, enc, query_index=query_index, step_index=step_index, seed=seed,
                            frames=list(frames), eef_history=list(eef_history),
                            actions_since_last_query=list(actions_since_last_query))
-        name = strategy.name or type(strategy).__name__
+        name = strategy.label
         with timer("overhead"):
-            plan = strategy.schedule(ctx)
+            with strategy_code(name, "schedule()"):
+                plan = strategy.schedule(ctx)
             self._check_plan(name, plan)
             stages = {s.after_layer: s for s in plan.stages}
             signals = Signals()
-            self._input_signals(plan, enc, signals)
+            self._input_signals(plan, enc, signals, ctx)
 
         h = enc.embeds
         full_cos, full_sin = rotary(self.llm, h, layout.positions[None].to(h.device))
@@ -122,10 +122,39 @@ class PruningEngine:
             dense_llm_flops=llm_flops(dense_tokens, cfg.hidden_size, cfg.intermediate_size),
             stages=stage_records)
         self._check_tokens(plan, record, layout)
-        with timer("overhead"):
+        with timer("overhead"), strategy_code(name, "on_forward_end()"):
             strategy.on_forward_end(signals, record)
         record.ms = timer.total()
-        return QueryResult(actions[0].numpy(), normalized[0].float().cpu().numpy(), record, kept)
+        record.cpu_ms = timer.cpu_ms
+        return QueryResult(actions[0].float().cpu().numpy(), normalized[0].float().cpu().numpy(), record,
+                           kept)
+
+    def context(self, obs: Observation, enc=None, **fields) -> QueryContext:
+        """The :class:`QueryContext` of a query of ``obs`` (``enc``: its ``model.encode(obs)``,
+        computed here when not given); ``fields``: the other QueryContext fields."""
+        enc = enc if enc is not None else self.model.encode(obs)
+        return QueryContext(observation=obs, layout=enc.layout.copy(), n_layers=len(self.llm.layers),
+                            patch_pixels=self._patch_pixels_of(obs, enc.images), **fields)
+
+    def _patch_pixels_of(self, obs: Observation, current: torch.Tensor):
+        """``QueryContext.patch_pixels`` of one query: a frame through the model's own preprocessing
+        (``preprocess_images``) and patch grid (``patch_pixels``); the current frame reuses its
+        preprocessed ``current`` images. Memoised per frame object for the query."""
+        memo: dict[int, tuple[dict, torch.Tensor]] = {}
+
+        def patch_pixels(images: dict[str, np.ndarray]) -> torch.Tensor:
+            hit = memo.get(id(images))
+            if hit is not None and hit[0] is images:
+                return hit[1]
+            if images is obs.images:
+                pre = current
+            else:
+                pre = self.model.preprocess_images(Observation(images, obs.proprio, obs.instruction))
+            value = self.model.patch_pixels(pre)
+            memo[id(images)] = (images, value)
+            return value
+
+        return patch_pixels
 
     # ------------------------------------------------------------------ pieces
     @staticmethod
@@ -134,13 +163,13 @@ class PruningEngine:
             return torch.arange(layout.current_length, device=device)[None]
         return layout.positions[None].to(device)
 
-    def _input_signals(self, plan: PrunePlan, enc, signals: Signals) -> None:
+    def _input_signals(self, plan: PrunePlan, enc, signals: Signals, ctx: QueryContext) -> None:
         """Signals that need no layer to have run: computed once on the unpruned input."""
         for request in plan.signals:
             if request.kind == "embeddings":
                 signals[request] = sig.visual_embeddings(enc.embeds, enc.layout)
             elif request.kind == "pixels":
-                signals[request] = self.model.patch_pixels(enc.images)
+                signals[request] = ctx.patch_pixels(ctx.observation.images)
             elif request.kind == "qk_logits":
                 signals[request] = sig.qk_logits_to_visual(self.llm.layers[request.layer], enc.embeds,
                                                            enc.layout, request.rows)
@@ -148,15 +177,14 @@ class PruningEngine:
     def _apply_stage(self, name: str, strategy: Strategy, stage: Stage, signals: Signals,
                      ctx: QueryContext, layout: TokenLayout):
         before = layout.n_present_visual()
-        try:
+        with strategy_code(name, f"stage {stage.where}: score()"):
             scores = strategy.score(stage, signals, ctx)
-        except KeyError as err:  # a signal read before it exists
-            raise StrategyError(name, f"stage {stage.where}: {err.args[0]}") from None
         if not isinstance(scores, torch.Tensor) or scores.shape != (layout.n_visual,):
             got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
             raise StrategyError(name, f"stage {stage.where}: score() must return a tensor of shape "
                                       f"({layout.n_visual},), got {got}")
-        keep = strategy.select(stage, scores, ctx, layout.copy())
+        with strategy_code(name, f"stage {stage.where}: select()"):
+            keep = strategy.select(stage, scores, ctx, layout.copy())
         keep = self._check_keep(name, stage, keep, layout)
         slots = torch.sort(torch.cat([torch.nonzero(~layout.is_visual_slot(), as_tuple=True)[0],
                                       layout.visual_to_slots(keep)])).values

@@ -1,7 +1,7 @@
 """A scripted pick-and-place expert for LIBERO that reads the simulator's privileged object poses.
 
 It solves "pick up the X and place it in the basket" tasks (libero_object) with a state machine that
-drives a P-controller on the end-effector position and never rotates (libero.md §9):
+drives a P-controller on the end-effector position and never rotates:
 
     approach (above the grasp point) -> descend -> close -> lift -> carry (over the basket)
     -> lower -> open

@@ -15,12 +15,13 @@ are no longer in the sequence carry NaN in scores and signals. Strategies import
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from prunebench.errors import MissingSignal
 from prunebench.layout import TokenLayout
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -75,6 +76,11 @@ class EpisodeInfo:
     task: str = ""
 
 
+def _engine_only(images: dict[str, np.ndarray]) -> torch.Tensor:
+    raise RuntimeError("QueryContext.patch_pixels is provided by the engine: build contexts with "
+                       "PruningEngine.context(observation, ...)")
+
+
 @dataclass
 class QueryContext:
     """Read-only inputs of one query. Histories are oldest first and exclude the current frame."""
@@ -85,11 +91,18 @@ class QueryContext:
     query_index: int = 0  # model calls so far in this episode
     step_index: int = 0  # env step at which the query happens
     seed: int = 0  # derived from (run seed, episode, query): use it for any randomness
-    # camera frames of the env steps just before this query: frames[-i] is i steps back. Shorter than
-    # ``history_frames`` at the start of an episode and after an early re-query (unrendered steps).
+    # camera frames of the env steps just before this query: frames[-i] is i steps back, contiguous
+    # (early re-queries included). Shorter than ``history_frames`` only near an episode's start
+    # (the first query has none: the wait steps are not rendered).
     frames: list[dict[str, np.ndarray]] = field(default_factory=list)
     eef_history: list[np.ndarray] = field(default_factory=list)  # EEF position per past env step
     actions_since_last_query: list[np.ndarray] = field(default_factory=list)
+    # patch_pixels(images) -> (n_visual, patch*patch*3) float, 0..255: the raw pixels of every visual
+    # token's patch of a camera frame (``observation.images`` or one of ``frames``: view -> uint8
+    # HxWx3), after the model's own preprocessing (resize; OpenVLA-OFT's centre crop) and on its own
+    # patch grid, all views at once, rows in visual-index order. Set by the engine; the current
+    # frame's value is the ``PIXELS`` signal and costs no second preprocessing. Do not modify it.
+    patch_pixels: Callable[[dict[str, np.ndarray]], torch.Tensor] = field(default=_engine_only, repr=False)
 
 
 # --------------------------------------------------------------------------- plans
@@ -104,7 +117,9 @@ class SignalRequest:
       qk_logits   layer-``layer`` q·k logits rows -> visual on the *input embeddings*: no rotary, no
                   softmax (ADP's retrieval weight); computed before any removal.
       embeddings  LLM input embeddings of the visual tokens, shape (n_visual, hidden).
-      pixels      raw patch pixels of the current images, shape (n_visual, patch*patch*3), 0..255.
+      pixels      raw patch pixels of the current images after the model's preprocessing, shape
+                  (n_visual, patch*patch*3), 0..255 (``QueryContext.patch_pixels`` gives them for
+                  earlier frames).
     """
 
     kind: Literal["attention", "qk_logits", "embeddings", "pixels"]
@@ -217,7 +232,7 @@ class Signals:
         try:
             return self._values[request.key]
         except KeyError:
-            raise KeyError(f"signal {request.key} was not computed (yet): request it in the plan, "
+            raise MissingSignal(f"signal {request.key} was not computed (yet): request it in the plan, "
                            "at a layer that has run before the stage that reads it") from None
 
     def __contains__(self, request: SignalRequest) -> bool:
@@ -249,7 +264,8 @@ class Strategy:
     """After a removal, keep each token's original RoPE position, or renumber 0..L'-1."""
     history_frames: ClassVar[int] = 0
     """How many camera frames of the env steps before each query ``QueryContext.frames`` must hold;
-    the closed loop renders exactly those steps (besides the query steps)."""
+    the closed loop renders those steps (besides the query steps), and every step when the strategy
+    overrides ``on_env_step`` (it may re-query early: the frames before any step are then ready)."""
 
     def __init__(self, config: StrategyConfig | dict[str, Any] | None = None) -> None:
         if config is None:
@@ -257,6 +273,11 @@ class Strategy:
         elif isinstance(config, dict):
             config = self.Config(**config)
         self.config = config
+
+    @property
+    def label(self) -> str:
+        """The name errors name: ``name``, else the class name (an unregistered strategy)."""
+        return self.name or type(self).__name__
 
     # episode state -------------------------------------------------------------------------
     def on_episode_start(self, episode: EpisodeInfo) -> None:

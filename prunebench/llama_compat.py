@@ -1,7 +1,7 @@
 """The Llama decoder API across transformers releases, in one place.
 
 The engine runs Llama decoder layers one by one. Their call signature changed over time
-(openvla-oft.md §9.3):
+(transformers' ``models/llama/modeling_llama.py`` of each release):
 
 * transformers 4.40 - 4.43 (OpenVLA-OFT pins 4.40.1): no model-level rotary table; each attention
   module computes (cos, sin) from ``position_ids``; layers return a tuple.

@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 from optuna.trial import TrialState
 
-from prunebench.study import DENSE, METRICS, StudyDefinition, load_studies, validated_key
+from prunebench.baseline import DENSE
+from prunebench.study import METRICS, StudyDefinition, load_studies, validated_key
 
 
 def trials_table(defn: StudyDefinition) -> pd.DataFrame:

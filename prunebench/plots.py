@@ -19,7 +19,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from prunebench.study import DENSE, OBJECTIVES  # noqa: E402
+from prunebench.baseline import DENSE  # noqa: E402
+from prunebench.study import OBJECTIVES  # noqa: E402
 
 LABELS = {"success_rate": "success rate", "latency_ms": "mean query latency (ms)",
           "speedup": "speedup vs dense (x)", "action_error": "action error vs dense (L1)",

@@ -5,6 +5,9 @@ Environment variables:
 * ``PRUNEBENCH_LOAD_PLUGINS``: comma list of distribution names whose entry points to load
   (empty string: load none); unset: load every installed ``prunebench`` entry point.
 * ``PRUNEBENCH_DISABLED_PLUGINS``: comma list of plugin (entry-point) names to block.
+
+A plugin that fails to import is skipped with one warning (``prunebench plugins`` lists it as
+broken, with the reason); only asking for a strategy it may have provided is an error.
 """
 
 from __future__ import annotations
@@ -12,16 +15,17 @@ from __future__ import annotations
 import importlib
 import importlib.metadata as md
 import os
+import sys
 from dataclasses import dataclass
 
 import pluggy
 
 from prunebench import hookspecs
+from prunebench.baseline import DENSE, Dense
 from prunebench.errors import PluginError
 from prunebench.interface import Strategy, StrategyConfig
 
 DEFAULT_PLUGINS = (
-    "strategies.none",
     "strategies.random",
     "strategies.downsample",
     "strategies.fastv",
@@ -47,6 +51,7 @@ class PluginManager:
         self._strategies: dict[str, RegisteredStrategy] | None = None
         self._builtin: set[str] = set()
         self._dists: dict[str, md.Distribution] = {}
+        self.broken: dict[str, str] = {}  # plugin name -> why it failed to import
 
     # ------------------------------------------------------------------ loading
     def load(self) -> None:
@@ -65,6 +70,9 @@ class PluginManager:
         else:
             for dist in filter(None, (d.strip() for d in allow.split(","))):
                 self._load_entry_points(dist)
+        for name, reason in self.broken.items():
+            print(f"warning: plugin {name!r} skipped: {reason} (to skip it silently, add it to "
+                  "PRUNEBENCH_DISABLED_PLUGINS)", file=sys.stderr)
 
     def _load_entry_points(self, distribution: str | None = None) -> None:
         for dist in md.distributions():
@@ -76,9 +84,10 @@ class PluginManager:
                     continue
                 try:
                     plugin = ep.load()
-                except Exception as err:  # a broken third-party plugin must name itself
-                    raise PluginError(f"plugin {ep.name!r} from {dist.metadata['Name']} failed to "
-                                      f"import: {err}") from err
+                except Exception as err:  # noqa: BLE001 - a broken plugin must not block the others
+                    self.broken[ep.name] = (f"{dist.metadata['Name']} {dist.version} failed to import: "
+                                            f"{type(err).__name__}: {err}")
+                    continue
                 self.register(plugin, name=ep.name, dist=dist)
 
     def register(self, plugin, name: str, dist=None) -> None:
@@ -106,7 +115,7 @@ class PluginManager:
         self.load()
         if self._strategies is not None:
             return self._strategies
-        registry: dict[str, RegisteredStrategy] = {}
+        registry = {DENSE: RegisteredStrategy(Dense, "prunebench")}  # core: no plugin can remove it
         for impl in self.pm.hook.prunebench_register_strategies.get_hookimpls():
             plugin_name = impl.plugin_name
 
@@ -123,12 +132,14 @@ class PluginManager:
 
     def builtin_strategies(self) -> list[str]:
         """Names of the strategies shipped with prunebench (package ``strategies``), dense excluded."""
-        return [n for n, r in self.strategies().items() if r.plugin.startswith("strategies.") and n != "none"]
+        return [n for n, r in self.strategies().items() if r.plugin in self._builtin]
 
     def get(self, name: str) -> type[Strategy]:
         strategies = self.strategies()
         if name not in strategies:
-            raise PluginError(f"unknown strategy {name!r}; installed: {', '.join(strategies)}")
+            broken = "".join(f"; plugin {p!r}, which may provide it, was skipped: {why}"
+                             for p, why in self.broken.items())
+            raise PluginError(f"unknown strategy {name!r}; installed: {', '.join(strategies)}{broken}")
         return strategies[name].cls
 
     def create(self, name: str, config: dict | None = None) -> Strategy:
@@ -147,7 +158,10 @@ class PluginManager:
         """Name, version, hooks and strategies of every registered plugin."""
         strategies = self.strategies()
         own = md.version("prunebench") if _installed("prunebench") else "dev"
-        rows = []
+        rows = [{"name": "prunebench", "version": own, "distribution": "prunebench", "builtin": True,
+                 "hooks": [], "strategies": [DENSE]}]  # the core's dense baseline
+        rows += [{"name": name, "version": "", "distribution": "", "builtin": False, "hooks": [],
+                  "strategies": [], "broken": why} for name, why in self.broken.items()]
         for name, plugin in self.pm.list_name_plugin():
             if plugin is None:
                 continue

@@ -20,11 +20,14 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
+from prunebench import metrics
+from prunebench.baseline import Dense
+from prunebench.contention import Contention
 from prunebench.errors import PrunebenchError
 from prunebench.interface import EnvStep, Observation, Strategy
-from prunebench.results import QuerySummary, Stats, median_speedup
+from prunebench.results import QuerySummary, Stats, StrategyInfo
 from prunebench.streams import StreamQuery
 
 FORMAT = "prunebench-stream/1"
@@ -129,7 +132,7 @@ def stream_files(paths: list[str | Path]) -> list[Path]:
 # --------------------------------------------------------------------------- the metric
 class StreamReplay(BaseModel):
     source: dict
-    action_l1: list[float]  # per query: mean |a_pruned - a_dense|, unnormalised
+    action_error: list[float]  # per query: prunebench.metrics.action_error
 
 
 class ReplayReport(BaseModel):
@@ -138,34 +141,49 @@ class ReplayReport(BaseModel):
     strategy: str
     n_streams: int
     n_queries: int
-    action_l1: Stats  # over all queries
-    speedup_vs_dense: dict[str, float]  # median dense ms / median ms, total and llm
+    action_error: Stats  # over all queries
+    speedup_vs_dense: dict[str, float]  # prunebench.metrics.speedups, total and llm
     queries: QuerySummary
+    # what produced it: the strategy's config, plugin, distribution and version; versions, git
+    # hash, device and torch threads; whether the machine was busy while it was timed
+    strategy_info: StrategyInfo | None = None
+    environment: dict = Field(default_factory=dict)
+    contention: Contention | None = None
     streams: list[StreamReplay]
 
 
 def replay(engine, strategy: Strategy, streams: list[RecordedStream], seed: int = 0,
            name: str = "strategy") -> ReplayReport:
     """Replay ``streams`` through the dense model and ``strategy``, interleaved query by query."""
-    from prunebench.runner import run_interleaved
-    from prunebench.plugins import MANAGER
+    import torch
 
-    per_stream, dense_ms, ms, records = [], [], [], []
+    from prunebench.contention import load_average, of_records
+    from prunebench.runner import run_interleaved
+    from prunebench.versions import environment
+
+    load_start = load_average()
+    per_stream, dense_ms, ms, records, timed = [], [], [], [], []
     for index, stream in enumerate(streams):
         if strategy.history_frames > stream.history_frames:
             raise PrunebenchError(
                 f"{stream.describe().get('path', 'the stream')} holds {stream.history_frames} frames "
                 f"before each query; strategy {name!r} needs {strategy.history_frames} (record with --record-history "
                 f"{strategy.history_frames})")
-        out = run_interleaved(engine, {"dense": MANAGER.create("none"), name: strategy}, stream,
+        out = run_interleaved(engine, {"dense": Dense(), name: strategy}, stream,
                               seed=seed, episode=index)
         dense, pruned = out["dense"], out[name]
-        per_stream.append(StreamReplay(source=stream.describe(), action_l1=[
-            float(np.abs(p.actions - d.actions).mean()) for p, d in zip(pruned, dense)]))
+        per_stream.append(StreamReplay(source=stream.describe(), action_error=[
+            metrics.action_error(p.normalized, d.normalized) for p, d in zip(pruned, dense)]))
         dense_ms += [d.record.ms for d in dense]
         ms += [p.record.ms for p in pruned]
         records += [p.record for p in pruned]
-    l1 = [v for s in per_stream for v in s.action_l1]
-    speedup = median_speedup(dense_ms, ms)
-    return ReplayReport(strategy=name, n_streams=len(streams), n_queries=len(l1), action_l1=Stats.of(l1),
-                        speedup_vs_dense=speedup, queries=QuerySummary.of(records), streams=per_stream)
+        timed += [r.record for r in dense + pruned]
+    errors = [v for s in per_stream for v in s.action_error]
+    device = str(engine.device)
+    return ReplayReport(strategy=name, n_streams=len(streams), n_queries=len(errors),
+                        action_error=Stats.of(errors), speedup_vs_dense=metrics.speedups(dense_ms, ms),
+                        queries=QuerySummary.of(records),
+                        strategy_info=StrategyInfo.of(strategy.name or name, strategy),
+                        environment=environment(device, torch.get_num_threads()),
+                        contention=of_records(timed, [load_start, load_average()], device=device),
+                        streams=per_stream)

@@ -21,26 +21,12 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field
 
+from prunebench import metrics
 from prunebench.accounting import STAGES, QueryRecord
+from prunebench import contention
+from prunebench.contention import Contention
 
-SCHEMA_VERSION = 1
-Z_95 = 1.959963984540054  # two-sided 95 % normal quantile (scipy.stats.norm.ppf(0.975))
-
-
-def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float]:
-    """Wilson score interval of a success rate; (0, 1) when there are no trials."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
-
-
-def median_speedup(dense_ms: list[dict[str, float]], ms: list[dict[str, float]]) -> dict[str, float]:
-    """Median dense time / median time, for the whole query and the LLM (paired queries)."""
-    return {k: float(np.median([d[k] for d in dense_ms]) / max(1e-9, np.median([m[k] for m in ms])))
-            for k in ("total", "llm")}
+SCHEMA_VERSION = 2  # 2: action error on normalised actions, episode errors apart from failures
 
 
 class Stats(BaseModel):
@@ -83,7 +69,17 @@ class StrategyInfo(BaseModel):
     name: str
     config: dict[str, Any]
     position_ids: str
-    plugin: str | None = None
+    plugin: str | None = None  # the plugin that registered the strategy
+    distribution: str | None = None  # the package that ships that plugin
+    version: str | None = None  # that package's version
+
+    @classmethod
+    def of(cls, name: str, strategy) -> "StrategyInfo":
+        """A created strategy with its validated config and where it comes from."""
+        from prunebench.versions import strategy_provenance
+
+        return cls(name=name, config=strategy.config.model_dump(), position_ids=strategy.position_ids,
+                   **strategy_provenance(name))
 
 
 class RunResults(BaseModel):
@@ -99,6 +95,7 @@ class RunResults(BaseModel):
     attention_backend: str
     environment: dict[str, Any]
     summary: QuerySummary
+    contention: Contention | None = None  # was the machine busy while the queries were timed
     queries: list[QueryRecord]
 
 
@@ -127,7 +124,7 @@ class ClosedLoopQuery(QueryRecord):
     (its time and its actions), which gives the speedup and the action deviation vs dense."""
 
     dense_ms: dict[str, float] | None = None
-    action_l1_vs_dense: float | None = None  # mean |a - a_dense| over the chunk, unnormalised
+    action_error_vs_dense: float | None = None  # prunebench.metrics.action_error
 
 
 class EpisodeResult(BaseModel):
@@ -142,43 +139,64 @@ class EpisodeResult(BaseModel):
     steps: int  # policy steps executed (wait steps excluded)
     n_queries: int
     early_requeries: int = 0
-    failure_reason: str | None = None  # None on success; "timeout", "simulation: ...", "error: ..."
+    failure_reason: str | None = None  # a policy failure: "timeout" or "simulation: ..."; else None
+    # an exception that ended the episode (not a policy outcome: counted apart from success/failure)
+    error: str | None = None  # "Type: message", one line
+    traceback: str | None = None
     wall_s: float
     video: str | None = None
     stream: str | None = None
+    # read inside the process that ran the episode: its torch threads, the model's device, and the
+    # contention evidence (load average at the episode's start and end, CPU/wall of its queries)
+    threads: int | None = None
+    device: str | None = None
+    contention: Contention | None = None
     queries: list[ClosedLoopQuery] = Field(default_factory=list)
 
 
 class GroupResult(BaseModel):
-    """Aggregates over episodes (a task, a suite or the whole run)."""
+    """Aggregates over episodes (a task, a suite or the whole run); definitions in prunebench.metrics."""
 
-    n_episodes: int
+    n_episodes: int  # episodes that ended in success or failure (errors excluded)
     n_success: int
-    success_rate: float
+    n_errors: int = 0  # episodes that raised: neither success nor failure
+    success_rate: float | None  # None when no episode had an outcome (never a 0 that means errors)
     success_ci95: tuple[float, float]  # Wilson score interval
-    mean_steps: float
+    mean_steps: float | None  # over episodes with an outcome
     failures: dict[str, int]  # failure kind -> count
+    errors: dict[str, int] = Field(default_factory=dict)  # error line -> count
     queries: QuerySummary | None
-    speedup_vs_dense: dict[str, float] | None  # median dense ms / median ms, per stage (same run)
-    action_l1_vs_dense: float | None
+    speedup_vs_dense: dict[str, float] | None  # metrics.speedups (same run, paired queries)
+    dense_query_ms: float | None = None  # metrics.latency_ms of those paired dense queries
+    action_error_vs_dense: float | None  # metrics.action_error, mean over queries
+    contention: Contention | None = None  # the episodes' queries and load samples, pooled
 
     @classmethod
     def of(cls, episodes: list[EpisodeResult]) -> "GroupResult":
-        n, wins = len(episodes), sum(e.success for e in episodes)
-        failures: dict[str, int] = {}
+        errors: dict[str, int] = {}
         for e in episodes:
+            if e.error:
+                errors[e.error] = errors.get(e.error, 0) + 1
+        outcomes = [e for e in episodes if not e.error]
+        n, wins = len(outcomes), sum(e.success for e in outcomes)
+        failures: dict[str, int] = {}
+        for e in outcomes:
             if e.failure_reason:
                 kind = e.failure_reason.split(":")[0]
                 failures[kind] = failures.get(kind, 0) + 1
         records = [q for e in episodes for q in e.queries]
         paired = [q for q in records if q.dense_ms]
-        speedup = median_speedup([q.dense_ms for q in paired], [q.ms for q in paired]) if paired else None
-        l1 = [q.action_l1_vs_dense for q in records if q.action_l1_vs_dense is not None]
-        return cls(n_episodes=n, n_success=wins, success_rate=wins / n if n else 0.0,
-                   success_ci95=wilson_interval(wins, n),
-                   mean_steps=float(np.mean([e.steps for e in episodes])) if n else 0.0,
-                   failures=failures, queries=QuerySummary.of(records) if records else None,
-                   speedup_vs_dense=speedup, action_l1_vs_dense=float(np.mean(l1)) if l1 else None)
+        speedup = metrics.speedups([q.dense_ms for q in paired], [q.ms for q in paired]) if paired else None
+        errs = [q.action_error_vs_dense for q in records if q.action_error_vs_dense is not None]
+        return cls(n_episodes=n, n_success=wins, n_errors=len(episodes) - n,
+                   success_rate=metrics.success_rate(wins, n),
+                   success_ci95=metrics.wilson_interval(wins, n),
+                   mean_steps=float(np.mean([e.steps for e in outcomes])) if n else None,
+                   failures=failures, errors=errors, queries=QuerySummary.of(records) if records else None,
+                   speedup_vs_dense=speedup,
+                   dense_query_ms=metrics.latency_ms(q.dense_ms for q in paired) if paired else None,
+                   action_error_vs_dense=float(np.mean(errs)) if errs else None,
+                   contention=contention.of_episodes(episodes))
 
 
 class EvalResults(BaseModel):
@@ -188,8 +206,9 @@ class EvalResults(BaseModel):
     kind: str = "libero_eval"
     created: str = Field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat())
     command: str = ""
-    complete: bool = False  # False while running, or when interrupted
+    complete: bool = False  # False while running, or when interrupted or aborted
     interrupted: bool = False
+    aborted: str | None = None  # why the run stopped early on errors
     seed: int
     config: dict[str, Any]
     strategy: StrategyInfo

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from prunebench.engine import PruningEngine, QueryResult
+from prunebench.errors import strategy_code
 from prunebench.interface import EnvStep, EpisodeInfo, Observation, Strategy
 from prunebench.streams import StreamQuery
 
@@ -42,13 +43,15 @@ class StreamRunner:
         self._eef.clear()
         self._actions.clear()
         self.results.clear()
-        self.strategy.on_episode_start(EpisodeInfo(self.episode, self.seed, instruction, task))
+        with strategy_code(self.strategy.label, "on_episode_start()"):
+            self.strategy.on_episode_start(EpisodeInfo(self.episode, self.seed, instruction, task))
 
     def observe_step(self, event: EnvStep) -> bool:
         """Report one executed env step; True when the strategy asks for a re-query now."""
         self._eef.append(event.eef_pos)
         self._actions.append(event.action)
-        return bool(self.strategy.on_env_step(event))
+        with strategy_code(self.strategy.label, "on_env_step()"):
+            return bool(self.strategy.on_env_step(event))
 
     def query(self, observation: Observation, step_index: int,
               frames: list[dict[str, np.ndarray]] | None = None) -> QueryResult:

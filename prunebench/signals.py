@@ -3,7 +3,8 @@
 Attention probabilities are recomputed for the requested query rows from the layer's own
 ``input_layernorm`` / ``q_proj`` / ``k_proj`` with rotary, softmax over all current keys, averaged
 over heads and rows. The layer itself still runs with the model's backend (SDPA), so no layer ever
-runs eager attention just to expose its weights (methods.md §5.1).
+runs eager attention just to expose its weights (the SpecPrune-VLA and VLA-Pruner releases switch
+every layer to eager attention for that).
 """
 
 from __future__ import annotations

@@ -22,10 +22,12 @@ user attributes hold its metrics (see :data:`METRICS`), config, worker and resul
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -34,20 +36,21 @@ import optuna
 from optuna.trial import TrialState
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from prunebench.baseline import DENSE, Dense
 from prunebench.config import load_config, one_line
-from prunebench.errors import PrunebenchError
+from prunebench.errors import PrunebenchError, RunAborted
 
-DENSE = "none"
 MODES = ("closed_loop", "replay", "synthetic")
 # objective -> (direction, evaluation modes that measure it, meaning)
 OBJECTIVES: dict[str, tuple[str, tuple[str, ...], str]] = {
     "success_rate": ("maximize", ("closed_loop",), "closed-loop success rate"),
-    "latency_ms": ("minimize", MODES, "mean query latency, ms (scoring and pruning included)"),
+    "latency_ms": ("minimize", MODES, "median query latency, ms (scoring and pruning included)"),
     "speedup": ("maximize", MODES, "median dense / median pruned query time, same process"),
-    "action_error": ("minimize", MODES, "mean |a - a_dense| per query, unnormalised"),
+    "action_error": ("minimize", MODES, "mean |a - a_dense| per query, normalised actions"),
     "gflops": ("minimize", MODES, "mean LLM GFLOPs per query"),
 }
-METRICS = ("success_rate", "success_ci95", "n_episodes", "latency_ms", "speedup", "action_error",
+MEASURED_AGAINST_DENSE = ("speedup", "action_error")  # need the dense forward on every query
+METRICS = ("success_rate", "success_ci95", "n_episodes", "n_errors", "latency_ms", "speedup", "action_error",
            "gflops", "visual_tokens", "keep_ratio", "latency_breakdown_ms")
 
 
@@ -67,7 +70,7 @@ class Evaluation(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> "Evaluation":
         if self.mode == "replay" and not self.streams:
-            raise ValueError("mode replay needs streams (record them with prunebench run --record-dir)")
+            raise ValueError("mode replay needs streams (record them with prunebench run --record-streams DIR)")
         if self.closed_loop:
             self.eval_config(DENSE, {}, 0)  # validates the fields now, not at the first trial
         return self
@@ -152,6 +155,13 @@ class StudyDefinition(BaseModel):
             raise ValueError("objectives has duplicates")
         if self.constraints.max_success_drop is not None and self.evaluation.mode != "closed_loop":
             raise ValueError("constraints.max_success_drop needs evaluation.mode closed_loop")
+        needs_dense = [o for o in self.objectives if o in MEASURED_AGAINST_DENSE]
+        if self.constraints.max_action_error is not None:
+            needs_dense.append("constraints.max_action_error")
+        if needs_dense and self.evaluation.mode == "closed_loop" and \
+                not self.evaluation.eval_config(DENSE, {}, 0).dense_reference:
+            raise ValueError(f"objectives: {needs_dense[0]} is measured against the dense reference, "
+                             "which evaluation.closed_loop.dense_reference turns off")
         if self.validate_front is not None:
             Evaluation(mode="closed_loop", closed_loop=self.validate_front.closed_loop)
         return self
@@ -354,6 +364,21 @@ def load_studies(defn: StudyDefinition) -> dict[str, optuna.Study]:
 class TrialFailed(Exception):
     """An evaluation error that fails one trial (retried), unlike a usage error, which stops."""
 
+    def __init__(self, message: str, traceback: str | None = None) -> None:
+        super().__init__(message)
+        self.traceback = traceback
+
+
+class _NoTrialFailureTraceback(logging.Filter):
+    """Optuna logs a failed trial with its whole traceback; the study prints one line instead (the
+    traceback is kept in the trial's ``traceback`` user attribute)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return " failed with " not in record.getMessage()
+
+
+optuna.logging.get_logger("optuna.study._optimize").addFilter(_NoTrialFailureTraceback())
+
 
 class Evaluator:
     """Measures one strategy config under the definition's evaluation (one model per process)."""
@@ -385,9 +410,9 @@ class Evaluator:
         overall = evaluate(cfg, output, f"prunebench study run ({self.defn.name})").overall
         q = overall.queries
         return self._metrics(q, success_rate=overall.success_rate, success_ci95=list(overall.success_ci95),
-                             n_episodes=overall.n_episodes,
-                             speedup=(overall.speedup_vs_dense or {"total": 1.0})["total"],
-                             action_error=overall.action_l1_vs_dense or 0.0)
+                             n_episodes=overall.n_episodes, n_errors=overall.n_errors,
+                             speedup=(overall.speedup_vs_dense or {}).get("total"),
+                             action_error=overall.action_error_vs_dense)
 
     def _replay(self, strategy: str, config: dict, output: Path) -> dict:
         from prunebench.engine import PruningEngine
@@ -405,20 +430,21 @@ class Evaluator:
         if self._engine is None:
             self._engine = PruningEngine(self.model)
             # warm-up, so the first trial does not pay one-off allocation costs in its latency
-            replay(self._engine, MANAGER.create(DENSE), [SyntheticStream(n_queries=2, seed=self.defn.seed + 1,
+            replay(self._engine, Dense(), [SyntheticStream(n_queries=2, seed=self.defn.seed + 1,
                    image_size=self.model.cfg.image_size)])
         report = replay(self._engine, MANAGER.create(strategy, config), streams, seed=self.defn.seed,
                         name=strategy)
         write_json(output, report)
         return self._metrics(report.queries, speedup=report.speedup_vs_dense["total"],
-                             action_error=report.action_l1.mean)
+                             action_error=report.action_error.mean)
 
     def _metrics(self, queries, **measured) -> dict[str, Any]:
-        latency = {stage: s.mean for stage, s in queries.latency_ms.items()}
-        return {"latency_ms": latency["total"], "gflops": queries.mean_llm_flops / 1e9,
+        """Definitions in prunebench.metrics: latency is the median, its breakdown per stage means."""
+        return {"latency_ms": queries.latency_ms["total"].median, "gflops": queries.mean_llm_flops / 1e9,
                 "visual_tokens": queries.mean_visual_tokens,
                 "keep_ratio": queries.mean_visual_tokens / self.n_visual,
-                "latency_breakdown_ms": latency, **measured}
+                "latency_breakdown_ms": {stage: s.mean for stage, s in queries.latency_ms.items()},
+                **measured}
 
 
 # --------------------------------------------------------------------------- running
@@ -494,8 +520,17 @@ class StudyRunner:
                 trial.set_user_attr("results", earlier.user_attrs.get("results"))
             else:
                 output = self.defn.results_path / strategy / f"trial_{trial.number}.json"
-                metrics = self._evaluate(strategy, config.model_dump(), output)
                 trial.set_user_attr("results", str(output))
+                try:
+                    metrics = self._evaluate(strategy, config.model_dump(), output)
+                except TrialFailed as err:
+                    trial.set_user_attr("error", err.args[0])
+                    trial.set_user_attr("traceback", err.traceback)
+                    raise
+            unmeasured = [o for o in self.defn.objectives if metrics.get(o) is None]
+            if unmeasured:  # e.g. no episode had an outcome: never report a made-up value
+                trial.set_user_attr("error", f"{unmeasured[0]} was not measured")
+                raise TrialFailed(f"{unmeasured[0]} was not measured (errors: {metrics.get('n_errors')})")
             for key, value in metrics.items():
                 trial.set_user_attr(key, value)
             self._constrain(trial, metrics)
@@ -509,12 +544,14 @@ class StudyRunner:
         self.evaluator = self.evaluator or Evaluator(self.defn)
         try:
             return self.evaluator(strategy, config, output, closed_loop)
+        except RunAborted as err:  # this config's episodes kept erroring: the trial fails
+            raise TrialFailed(str(err), traceback.format_exc()) from err
         except PrunebenchError:
             raise  # a usage error stops the worker with its one-line message
         except KeyboardInterrupt:
             raise
         except Exception as err:  # noqa: BLE001 - this trial fails (and is retried); the study goes on
-            raise TrialFailed(f"{type(err).__name__}: {err}") from err
+            raise TrialFailed(f"{type(err).__name__}: {err}", traceback.format_exc()) from err
 
     def _constrain(self, trial: optuna.Trial, metrics: dict) -> None:
         c = self.defn.constraints
@@ -584,7 +621,9 @@ def _retry_failed(max_retry: int):
 
     def callback(study: optuna.Study, trial) -> None:
         if trial.state == TrialState.FAIL:
-            print(f"trial {trial.number} failed; retrying (at most {max_retry} times)", file=sys.stderr)
+            why = trial.user_attrs.get("error", "its worker stopped")
+            print(f"{study.study_name} trial {trial.number} failed: {why}; retrying (at most {max_retry} "
+                  "times)", file=sys.stderr)
             retry(study, trial)
 
     return callback

@@ -4,7 +4,7 @@ OpenVLA-OFT's recipe at small scale: L1 regression on 8-step action chunks (the 
 frame at step t is the expert's intended actions t..t+7, the last one repeated past the end),
 q01/q99 normalisation to [-1, 1], conditioning on the instruction, images and proprio.
 
-Normalisation rule (policy-training.md, lesson 1): an action dimension or proprio input whose
+Normalisation rule: an action dimension or proprio input whose
 1st..99th percentile span is below ``neutral_span`` (or a proprio input listed in
 ``neutral_proprio``) is *neutral* (q01 = q99 = its median): the
 model never sees it as an input and predicts exactly that constant for it. Otherwise a constant

@@ -32,9 +32,27 @@ def git_hash() -> str | None:
     return result.stdout.strip() or None if result.returncode == 0 else None
 
 
-def environment() -> dict:
+def environment(device: str | None = None, threads: int | None = None, processes: int = 1) -> dict:
+    """Versions, git hash and machine. ``device``: where the model really ran (``model_device``);
+    ``threads``: the torch threads of the processes that measured (default: this process's);
+    ``processes``: how many measured at once."""
     import torch
 
+    from prunebench.contention import cores_available
+
     return {"versions": package_versions(), "git_hash": git_hash(), "platform": platform.platform(),
-            "machine": platform.machine(), "torch_threads": torch.get_num_threads(),
-            "device": "cpu"}
+            "machine": platform.machine(), "cores": cores_available(),
+            "torch_threads": threads if threads is not None else torch.get_num_threads(),
+            "processes": processes, "device": device}
+
+
+def strategy_provenance(name: str) -> dict:
+    """The plugin that registered strategy ``name``, its distribution and that distribution's version."""
+    from prunebench.plugins import MANAGER
+
+    registered = MANAGER.strategies().get(name)
+    if registered is None:  # not registered (a strategy object built by hand)
+        return {"plugin": None, "distribution": None, "version": None}
+    plugin = registered.plugin
+    row = next((r for r in MANAGER.plugins() if r["name"] == plugin), {})
+    return {"plugin": plugin, "distribution": row.get("distribution"), "version": row.get("version")}

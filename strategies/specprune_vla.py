@@ -1,11 +1,13 @@
 """``specprune-vla``: SpecPrune-VLA (Wang et al., arXiv 2509.05614), three parts, each switchable.
 
 1. **Static (action-level) pruning** after the first two layers. A visual patch that barely changed
-   since the frame T-1 env steps back (pixel cosine >= 0.986; at most a share ``static_max_removed``
-   of the view) is *static*; every other patch is *dynamic* and always kept. A static patch survives
-   only if text->vision attention ranks it in the view's top-3k after layer 0 (then top-k after
-   layer 1, plus the first k of the layer-0 list), or if the previous query's *global* attention
-   ranks it in the view's top-k.
+   since the frame T-1 env steps back (cosine >= 0.986 of its raw pixels on the model's own patch
+   grid, ``QueryContext.patch_pixels``; at most a share ``static_max_removed`` of the view) is
+   *static*; every other patch is *dynamic* and always kept. With no earlier frame (an episode's
+   first query) every patch is dynamic and the static stages are not scheduled. A static patch
+   survives only if text->vision attention ranks it in the view's top-3k after layer 0 (then top-k
+   after layer 1, plus the first k of the layer-0 list), or if the previous query's *global*
+   attention ranks it in the view's top-k.
 2. **Dynamic (layer-level) pruning** at layers S (paper: {5, 10, 15, 20} of 32): an importance
    score is an EMA (alpha 0.2) over layers {0, 1, 12} of rank weights (10 -> 0.1) by attention from
    the non-visual rows after the images; each S layer keeps the top ``0.8 x`` of the whole sequence
@@ -14,24 +16,30 @@
    mode keeps more tokens, and switching coarse -> fine mid-chunk re-queries the model at once. The
    frame lookback T shrinks as the last chunk's summed motion grows.
 
-Differences from the release (alexwhz-sjtu/SpecPrune-VLA@d3b06ed), see docs/strategies.md:
+Differences from the release (github.com/alexwhz-sjtu/SpecPrune-VLA@d3b06ed), see docs/strategies.md:
 both index bugs fixed (``release_layer1_index_bug`` / ``release_ema_index_bug`` reproduce them);
-the global term, empty in the release, is defined as methods.md §1.6 suggests: the previous query's
-text->vision attention averaged over ``global_layers`` (pruned tokens count 0), top-k per view;
-the lookback is clamped to T >= 2; dynamic pruning is on (paper) although the release defaults it
-off; counts given for 256-patch views are shares of the view; the release's eval quirks (first
-actions dropped, raised max steps) live in the eval config (``skip_first_actions``, ``max_steps``).
+the paper's global term (attention from the previous generation) is empty in the release
+(``get_vla_action`` in openvla-oft/experiments/robot/openvla_utils.py returns an empty
+``prev_attn_indices``); ours is the previous query's text->vision attention averaged over
+``global_layers`` (pruned tokens count 0), top-k per view; the lookback is clamped to T >= 2 (the
+release's formula in openvla-oft/experiments/robot/libero/run_libero_eval.py has no lower bound); with no
+earlier frame the release compares the frame with itself (every patch static, ties broken
+arbitrarily), ours keeps every patch; with fewer earlier frames than T-1 the release does the same,
+ours compares with the oldest one there is; dynamic pruning is on (paper) although the release
+defaults it off; counts given for 256-patch views are shares of the view; the release's eval quirks
+(first actions dropped, raised max steps) live in the eval config (``skip_first_actions``,
+``max_steps``).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 
 import prunebench
 from prunebench import PrunePlan, Stage, Strategy, StrategyConfig, attention, scale_layer
-from prunebench.frames import patch_similarity
 from prunebench.selection import present_in_view, top_k, union
 
 STATIC0, STATIC1, DYNAMIC = "static0", "static1", "dynamic"
@@ -58,7 +66,7 @@ class SpecPruneConfig(StrategyConfig):
     ema_alpha: float = Field(0.2, gt=0, le=1)
 
     lookback_max: int = Field(6, ge=2, le=6, description="T: compare with the frame T-1 steps back")
-    lookback_min: int = Field(2, ge=2, le=6, description="clamp (the release has none, methods.md §1.6)")
+    lookback_min: int = Field(2, ge=2, le=6, description="clamp (the release has none)")
     controller_start: int = Field(10, ge=1, description="actions before the controller acts")
     speed_threshold: float = Field(0.4, ge=0, description="|a_xyz| below: precise")
     xy_threshold: float = Field(0.1, ge=0)
@@ -150,7 +158,8 @@ class SpecPruneVLA(Strategy):
                   zip(c.attn_keep_precise if precise else c.attn_keep, ctx.layout.views)]
         self.lookback_used = T
         stages, signals = [], []
-        if c.static:
+        self.dynamic_tokens = torch.arange(ctx.layout.n_visual)
+        if c.static and ctx.frames:  # no earlier frame: every patch dynamic, the static stages keep all
             self.dynamic_tokens = self._dynamic_tokens(ctx, T, precise)
             self.global_keep = self._global_keep(ctx)
             stages += [Stage(static[0], name=STATIC0), Stage(static[1], name=STATIC1)]
@@ -166,20 +175,24 @@ class SpecPruneVLA(Strategy):
         return PrunePlan(tuple(stages), tuple(dict.fromkeys(signals)))
 
     def _dynamic_tokens(self, ctx, T: int, precise: bool) -> torch.Tensor:
-        """Visual indices that changed since the frame T-1 steps back (always kept)."""
+        """Visual indices that changed since the frame T-1 steps back, or the oldest earlier frame
+        when fewer were rendered (always kept). Needs at least one earlier frame."""
         c = self.config
-        back = T - 1
-        previous = ctx.frames[-back] if len(ctx.frames) >= back else ctx.observation.images
+        previous = ctx.frames[-min(T - 1, len(ctx.frames))]
+        # cosine of raw patch pixels on the model's own grid, after its own preprocessing
+        similarity = F.cosine_similarity(ctx.patch_pixels(ctx.observation.images),
+                                         ctx.patch_pixels(previous), dim=-1, eps=1e-6)
         share = c.static_max_removed_precise if precise else c.static_max_removed
         keep = []
         for view in ctx.layout.views:
-            sim = patch_similarity(ctx.observation.images[view.name], previous[view.name], view.rows, view.cols)
+            first = view.start - ctx.layout.visual_start
+            sim = similarity[first:first + view.size]
             candidates = torch.nonzero(sim >= c.similarity_threshold, as_tuple=True)[0]
             n_static = min(int(share * view.size), candidates.numel())
             order = torch.argsort(sim[candidates], descending=True, stable=True)
             static = torch.zeros(view.size, dtype=torch.bool)
             static[candidates[order[:n_static]]] = True
-            keep.append(torch.nonzero(~static, as_tuple=True)[0] + view.start - ctx.layout.visual_start)
+            keep.append(torch.nonzero(~static, as_tuple=True)[0] + first)
         return torch.cat(keep)
 
     def _global_keep(self, ctx) -> torch.Tensor:

@@ -46,19 +46,25 @@ class FakeEnv:
 
 
 class Probe(Strategy):
-    """Dense; wants 3 history frames; notes what it saw; re-queries after env step REQUERY_AT."""
+    """Dense; wants 3 history frames; notes what it saw; never re-queries."""
 
     name = "probe"
     history_frames = 3
-    requery_at: int | None = None
     seen: list = []
-
-    def on_env_step(self, step):
-        return step.step_index == self.requery_at
 
     def schedule(self, ctx):
         Probe.seen.append((ctx.step_index, [int(f["agentview"][0, 0, 0]) for f in ctx.frames]))
         return PrunePlan.dense()
+
+
+class RequeryProbe(Probe):
+    """Probe that re-queries after env step REQUERY_AT."""
+
+    name = "requery-probe"
+    requery_at: int | None = None
+
+    def on_env_step(self, step):
+        return step.step_index == self.requery_at
 
 
 @pytest.fixture
@@ -82,7 +88,7 @@ def run(tiny_path, strategy="probe", jobs=1, max_steps=24, config=None, **env_kw
 
 
 def test_cameras_render_only_at_queries_and_the_frames_a_strategy_needs(tiny_path):
-    Probe.seen, Probe.requery_at = [], None
+    Probe.seen = []
     with registered(Probe):
         (episode,), (env,) = run(tiny_path)
     w = WAIT_STEPS
@@ -94,15 +100,16 @@ def test_cameras_render_only_at_queries_and_the_frames_a_strategy_needs(tiny_pat
     assert len(env.actions) == w + 24 and all(np.array_equal(a, env.actions[0]) for a in env.actions[:w])
 
 
-def test_early_requery_drops_the_rest_of_the_chunk_and_passes_only_contiguous_frames(tiny_path):
-    Probe.seen, Probe.requery_at = [], WAIT_STEPS + 2  # after the third policy step
-    with registered(Probe):
-        (episode,), _ = run(tiny_path, max_steps=16)
+def test_early_requery_drops_the_rest_of_the_chunk_and_gets_a_contiguous_history(tiny_path):
+    Probe.seen, RequeryProbe.requery_at = [], WAIT_STEPS + 2  # after the third policy step
+    with registered(RequeryProbe):
+        (episode,), (env,) = run(tiny_path, strategy="requery-probe", max_steps=16)
     w = WAIT_STEPS
     assert episode.early_requeries == 1
-    # the re-query at state 13 gets no frames (12, 11, 10 were not all rendered: only 10 was),
-    # the next one (at 21) gets 18, 19, 20
-    assert Probe.seen[:3] == [(w, []), (w + 3, []), (w + 11, [w + 8, w + 9, w + 10])]
+    # a strategy that may re-query has every step rendered, so the re-query at state 13 gets the
+    # frames of states 10 (the first query's), 11 and 12; the next query (at 21) gets 18, 19, 20
+    assert Probe.seen[:3] == [(w, []), (w + 3, [w, w + 1, w + 2]), (w + 11, [w + 8, w + 9, w + 10])]
+    assert env.renders == list(range(w, w + 16))  # every state of the episode, once
 
 
 def test_success_ends_the_episode(tiny_path):
@@ -121,9 +128,9 @@ def test_a_simulator_fault_fails_one_episode_and_the_next_one_runs(tiny_path):
 def test_dense_reference_gives_speedup_and_action_error_and_is_deterministic(tiny_path):
     (a,), _ = run(tiny_path, strategy="random", config={"keep_ratio": 0.25}, max_steps=16)
     (b,), _ = run(tiny_path, strategy="random", config={"keep_ratio": 0.25}, max_steps=16)
-    assert all(q.dense_ms and q.action_l1_vs_dense > 0 for q in a.queries)
+    assert all(q.dense_ms and q.action_error_vs_dense > 0 for q in a.queries)
     assert a.queries[0].visual_per_layer[0] == round(0.25 * 32)  # TINY: 2 views x 4x4 patches
-    assert [q.action_l1_vs_dense for q in a.queries] == [q.action_l1_vs_dense for q in b.queries]
+    assert [q.action_error_vs_dense for q in a.queries] == [q.action_error_vs_dense for q in b.queries]
     (dense,), _ = run(tiny_path, strategy="none", max_steps=8)
     assert dense.queries[0].dense_ms is None
 

@@ -23,7 +23,8 @@ def test_engine_dense_loop_equals_model_forward(engine, tiny_model, obs):
 
 
 def test_attention_is_bidirectional(engine, tiny_model, obs):
-    """The causal trap of openvla-oft.md §9.3: flipping the flag must change the actions."""
+    """The causal trap (OpenVLA-OFT attends bidirectionally, arXiv 2502.19645): flipping the flag
+    must change the actions."""
     bidirectional = dense(engine, obs).actions
     for layer in tiny_model.llm.layers:
         layer.self_attn.is_causal = True

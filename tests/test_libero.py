@@ -77,8 +77,8 @@ def test_full_loop_writes_results_and_a_replayable_stream(tmp_path):
     model, _ = load_model()
     report = replay(PruningEngine(model), MANAGER.create("random", {"keep_ratio": 0.5}), [stream],
                     seed=cfg.seed, name="random")
-    live = [q.action_l1_vs_dense for q in episode.queries]
-    assert np.allclose(report.streams[0].action_l1, live, rtol=1e-5, atol=1e-7)
+    live = [q.action_error_vs_dense for q in episode.queries]
+    assert np.allclose(report.streams[0].action_error, live, rtol=1e-5, atol=1e-7)
 
 
 def test_ctrl_c_keeps_the_finished_episodes(tmp_path):

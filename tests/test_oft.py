@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -95,6 +96,50 @@ def test_norm_stats_are_chosen_by_suite():
         unnorm_key(stats, None)
 
 
+def test_norm_stats_are_read_from_dataset_statistics_json_first(checkpoint, tmp_path):
+    """OFT's fine-tuning writes the LIBERO statistics to dataset_statistics.json and its evaluation reads
+    them from there; config.json may hold only the base model's."""
+    root = shutil.copytree(checkpoint, tmp_path / "finetuned")
+    libero = tiny_norm_stats()["libero_object_no_noops"]
+    config = json.loads((root / "config.json").read_text())
+    config["norm_stats"] = {"bridge_orig": libero}
+    (root / "config.json").write_text(json.dumps(config))
+    (root / "dataset_statistics.json").write_text(json.dumps({"libero_object_no_noops": libero}))
+    assert load_oft(root, suite="libero_object", dtype=torch.float32).unnorm_key == "libero_object_no_noops"
+
+    shifted = json.loads(json.dumps(libero))
+    shifted["action"]["q99"][0] = 0.5
+    config["norm_stats"] = {"libero_object_no_noops": libero}
+    (root / "config.json").write_text(json.dumps(config))
+    (root / "dataset_statistics.json").write_text(json.dumps({"libero_object_no_noops": shifted}))
+    model = load_oft(root, suite="libero_object", dtype=torch.float32)
+    assert model.norm_stats["libero_object_no_noops"]["action"]["q99"][0] == 0.5  # the file wins
+
+    (root / "dataset_statistics.json").unlink()  # without it, config.json's
+    assert load_oft(root, suite="libero_object", dtype=torch.float32).norm_stats == config["norm_stats"]
+
+
+def test_rotary_inv_freq_stays_float32_in_a_bfloat16_model(checkpoint):
+    """OFT keeps the rotary inv_freq in float32 in its bfloat16 model; a bfloat16 copy moves the angles."""
+    from prunebench.llama_compat import rotary
+
+    reference = build_tiny_oft(seed=0)  # float32
+    expected = {n: b for n, b in reference.named_buffers() if n.endswith("inv_freq")}
+    assert expected
+    positions = torch.arange(600)[None]
+    h = torch.zeros(1, 600, reference.llm.config.hidden_size)
+    ref_cos, ref_sin = rotary(reference.llm, h, positions)
+    for model in (load_oft(checkpoint, suite="libero_object", dtype=torch.bfloat16),
+                  build_tiny_oft(seed=0).bfloat16()):
+        assert model.dtype == torch.bfloat16
+        buffers = {n: b for n, b in model.named_buffers() if n.endswith("inv_freq")}
+        assert buffers.keys() == expected.keys()
+        for name, buffer in buffers.items():
+            assert buffer.dtype == torch.float32 and torch.equal(buffer, expected[name]), name
+        cos, sin = rotary(model.llm, h.bfloat16(), positions)  # what the bfloat16 forward uses
+        assert torch.equal(cos, ref_cos.bfloat16()) and torch.equal(sin, ref_sin.bfloat16())
+
+
 def test_action_and_proprio_normalisation_follow_bounds_q99(oft):
     stats = tiny_norm_stats()["libero_object_no_noops"]
     q01, q99 = np.array(stats["action"]["q01"]), np.array(stats["action"]["q99"])
@@ -154,6 +199,16 @@ def test_check_command_reports_no_difference_against_the_adapters_own_forward(ch
                  "--reference", "adapter", "--observations", "2", "--tolerance", "1e-5"])
     out = capsys.readouterr().out
     assert code == 0 and "PASS" in out and "synthetic frames" in out
+
+
+def test_check_command_says_the_openvla_reference_runs_the_checkpoints_code(checkpoint, capsys, monkeypatch):
+    from prunebench.cli import main
+
+    monkeypatch.setitem(sys.modules, "prismatic.models.action_heads", None)  # OFT's code: not installed
+    code = main(["check-oft", str(checkpoint), "--suite", "libero_object", "--synthetic", "--device", "cpu",
+                 "--reference", "openvla", "--observations", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "trust_remote_code=True" in err and "needs OpenVLA-OFT's code" in err
 
 
 def test_vision_towers_match_timm():

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from prunebench import EnvStep, QueryContext
+from prunebench import PIXELS, EnvStep, Observation, PrunePlan, Strategy
+from prunebench.engine import PruningEngine
+from prunebench.models import load_model
 from prunebench.plugins import MANAGER
 from strategies.adp import DENSE, PRUNED, ADPConfig, TrajectoryGate, displacement
 from strategies.specprune_vla import lookback
@@ -13,9 +15,7 @@ from tests.conftest import make_observation
 
 
 def context(engine, obs, frames=(), **kw):
-    layout = engine.model.encode(obs).layout
-    return QueryContext(observation=obs, layout=layout, n_layers=len(engine.llm.layers),
-                        frames=list(frames), **kw)
+    return engine.context(obs, frames=list(frames), **kw)
 
 
 def step(action, left=3, index=0):
@@ -82,6 +82,70 @@ def test_specprune_keeps_dynamic_tokens_through_every_stage(engine):
     # may overlap), layer 1 the dynamic + its top 1 + the layer-0 best (may overlap)
     assert 2 * 4 <= static1.visual_after <= static0.visual_after <= 2 * (4 + 3)
     assert static1.visual_after <= 2 * (4 + 2)
+
+
+def test_specprune_without_an_earlier_frame_keeps_every_visual_token_on_the_shipped_policy():
+    model, _ = load_model()
+    engine = PruningEngine(model, record_kept=True)
+    obs = make_observation(5, size=128)  # LIBERO's camera size; the policy resizes to 96 px
+    s = MANAGER.create("specprune-vla")
+    n = engine.model.encode(obs).layout.n_visual
+    first = engine.query(s, obs)  # an episode's first query: no earlier frame, so no static patch
+    assert s.dynamic_tokens.tolist() == list(range(n))
+    assert "after_layer_0" not in first.kept and "after_layer_1" not in first.kept
+    assert first.record.visual_per_layer[:3] == [n, n, n]  # layers 0-2 see every visual token
+    assert first.record.visual_per_layer[3] < n  # the dynamic stage after layer 2 still prunes
+    # a real earlier frame (this one moved everywhere but in the view's top rows): static stages run
+    earlier = {v: img.copy() for v, img in obs.images.items()}
+    for v in earlier:
+        earlier[v][32:] = np.roll(earlier[v][32:], 7, axis=1)
+    second = engine.query(s, obs, query_index=1, frames=[earlier])
+    kept0 = second.kept["after_layer_0"]
+    assert 0 < kept0.numel() < n and set(s.dynamic_tokens.tolist()) <= set(kept0.tolist())
+
+
+def test_specprune_frame_difference_is_on_the_models_grid_after_its_crop():
+    from prunebench.models.oft_tiny import build_tiny_oft
+
+    engine = PruningEngine(build_tiny_oft(seed=0))
+    rng = np.random.default_rng(2)
+    images = {v: rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for v in ("agentview", "wrist")}
+    obs = Observation(images, np.zeros(8, np.float32), "pick up the ketchup")
+    outside = {v: img.copy() for v, img in images.items()}
+    outside["agentview"][:5] = 255 - outside["agentview"][:5]  # rows 0-4: outside OFT's centre crop
+    inside = {v: img.copy() for v, img in images.items()}
+    inside["agentview"][100:110, 100:110] = 255 - inside["agentview"][100:110, 100:110]
+    config = {"static_max_removed": 1.0}
+    s = MANAGER.create("specprune-vla", config)
+    s.schedule(context(engine, obs, [outside]))
+    assert s.dynamic_tokens.numel() == 0  # the cropped-away rows change no patch the model sees
+    s = MANAGER.create("specprune-vla", config)
+    s.schedule(context(engine, obs, [inside]))
+    changed = s.dynamic_tokens.tolist()
+    assert changed and all(t < 256 for t in changed)  # 16x16 patches of 14 px: only the primary view
+
+
+def test_patch_pixels_of_a_frame_follow_the_models_preprocessing(engine):
+    obs, other = make_observation(6, size=48), make_observation(7, size=48)  # MiniOFT resizes to 32
+
+    class Probe(Strategy):
+        name = "pixels-probe"
+
+        def schedule(self, ctx):
+            self.ctx = ctx
+            return PrunePlan.dense((PIXELS,))
+
+        def on_forward_end(self, signals, record):
+            self.pixels = signals[PIXELS]
+
+    probe = Probe()
+    engine.query(probe, obs, frames=[other.images])
+    model = engine.model
+    assert torch.equal(probe.pixels, model.patch_pixels(model.preprocess_images(obs)))
+    assert probe.ctx.patch_pixels(obs.images) is probe.pixels  # the current frame: no second pass
+    assert torch.equal(probe.ctx.patch_pixels(other.images),
+                       model.patch_pixels(model.preprocess_images(other)))
+    assert probe.pixels.shape == (32, 8 * 8 * 3)  # (n_visual, patch * patch * 3), 4x4 patches per view
 
 
 def test_specprune_layer1_index_bug_flag(engine):

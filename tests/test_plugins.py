@@ -70,12 +70,53 @@ def test_allow_and_block_lists(fake_dist, monkeypatch):
     assert "keep-three" not in PluginManager().strategies()
 
 
-def test_broken_plugin_import_names_the_plugin(tmp_path, monkeypatch):
+def test_a_plugin_that_fails_to_import_is_skipped_with_one_warning(tmp_path, monkeypatch, capsys):
     write_fake_distribution(tmp_path, "broken_plugin", "raise ImportError('no such thing')")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delenv("PRUNEBENCH_LOAD_PLUGINS")
-    with pytest.raises(PluginError, match="plugin 'fake' from prunebench-fake failed to import"):
-        PluginManager().strategies()
+    pm = PluginManager()
+    assert {"none", "random"} <= set(pm.strategies())  # unrelated strategies still work
+    pm.strategies()
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and "plugin 'fake' skipped: prunebench-fake 1.2.3 failed to import: " \
+        "ImportError: no such thing" in warning[0] and "PRUNEBENCH_DISABLED_PLUGINS" in warning[0]
+    row = next(r for r in pm.plugins() if r["name"] == "fake")
+    assert "ImportError: no such thing" in row["broken"]
+    with pytest.raises(PluginError, match="unknown strategy 'keep-three'.*plugin 'fake', which may "
+                                          "provide it, was skipped: .*ImportError"):
+        pm.create("keep-three")
+    monkeypatch.setenv("PRUNEBENCH_DISABLED_PLUGINS", "fake")
+    PluginManager().strategies()
+    assert capsys.readouterr().err == ""
+
+
+def test_plugins_command_lists_a_broken_plugin(tmp_path, monkeypatch, capsys):
+    from prunebench import plugins
+    from prunebench.cli import main
+
+    write_fake_distribution(tmp_path, "broken_plugin", "raise ImportError('no such thing')")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("PRUNEBENCH_LOAD_PLUGINS")
+    monkeypatch.setattr(plugins, "MANAGER", PluginManager())
+    assert main(["plugins"]) == 0
+    assert "fake  BROKEN: prunebench-fake 1.2.3 failed to import: ImportError: no such thing" in \
+        capsys.readouterr().out
+
+
+def test_the_dense_baseline_is_core_not_a_plugin(monkeypatch):
+    """Blocking every built-in plugin leaves the dense baseline; no plugin may take its name."""
+    from prunebench.baseline import Dense
+
+    monkeypatch.setenv("PRUNEBENCH_DISABLED_PLUGINS", ",".join(
+        ["strategies.none", "strategies.random", "strategies.fastv"]))
+    pm = PluginManager()
+    assert pm.get("none") is Dense and "random" not in pm.strategies()
+
+    class FakeDense(prunebench.Strategy):
+        name = "none"
+
+    with pytest.raises(PluginError, match="'none' is registered twice"):
+        manager_with(StrategyPlugin(FakeDense), "impostor").strategies()
 
 
 def manager_with(plugin, name: str) -> PluginManager:

@@ -34,9 +34,9 @@ def test_a_stream_reads_back_exactly(recorded):
 def test_replay_error_is_zero_for_dense_and_grows_as_tokens_go(engine, recorded):
     _, stream = recorded
     dense = replay(engine, MANAGER.create("none"), [stream], name="none")
-    assert dense.n_queries == 4 and dense.action_l1.mean == 0.0
+    assert dense.n_queries == 4 and dense.action_error.mean == 0.0
     errors = [replay(engine, MANAGER.create("random", {"keep_ratio": k}), [stream], name="random")
-              .action_l1.mean for k in (0.75, 0.1)]
+              .action_error.mean for k in (0.75, 0.1)]
     assert 0 < errors[0] < errors[1]
 
 

@@ -3,7 +3,8 @@
 import pytest
 
 from prunebench.results import (ClosedLoopQuery, EpisodeResult, EvalResults, StrategyInfo,
-                                read_eval_results, wilson_interval, write_json)
+                                read_eval_results, write_json)
+from prunebench.metrics import wilson_interval
 
 
 def test_wilson_interval_known_values():
@@ -18,7 +19,7 @@ def episode(task, init, success, total_ms=10.0, dense_ms=20.0):
     query = ClosedLoopQuery(tokens_per_layer=[100, 60], visual_per_layer=[80, 40], llm_flops=1.0,
                             dense_llm_flops=2.0, ms={"vision": 1, "llm": total_ms - 2, "head": 1,
                                                      "overhead": 0, "total": total_ms},
-                            dense_ms={"llm": dense_ms - 2, "total": dense_ms}, action_l1_vs_dense=0.1)
+                            dense_ms={"llm": dense_ms - 2, "total": dense_ms}, action_error_vs_dense=0.1)
     return EpisodeResult(suite="libero_object", task_id=task, task="t", instruction="i",
                          init_state_id=init, episode_index=2 * task + init, seed=0, success=success,
                          steps=50 if success else 280, n_queries=1, wall_s=1.0,

@@ -99,7 +99,7 @@ def test_study_runs_dense_first_then_defaults_then_search(finished_study):
     assert study.metric_names == ["action_error", "latency_ms"]
     for t in random_trials:  # each trial's full results file, and the metrics in its attributes
         report = json.loads(open(t.user_attrs["results"]).read())
-        assert report["action_l1"]["mean"] == pytest.approx(t.values[0])
+        assert report["action_error"]["mean"] == pytest.approx(t.values[0])
         assert set(t.constraints) == {"action_error"}
 
 

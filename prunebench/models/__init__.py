@@ -1,5 +1,6 @@
 """Models the engine can run. Each exposes ``encode``, ``llm`` (layers, norm, rotary), ``head``,
-``unnormalize_actions`` and ``patch_pixels``: the built-in MiniOFT (mini_oft.py) and real
+``unnormalize_actions``, ``preprocess_images`` and ``patch_pixels`` (the engine's
+``QueryContext.patch_pixels`` chains these two): the built-in MiniOFT (mini_oft.py) and real
 OpenVLA-OFT checkpoints (openvla_oft.py, loaded by oft_checkpoint.py)."""
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def load_model(path: str | Path | None = None, seed: int = 0, *, suite: str | No
     """
     from prunebench.models.oft_checkpoint import is_oft_checkpoint
 
+    check_device(device)
     if path and is_oft_checkpoint(path):
         key = (str(path), suite, str(device))
         if key not in _OFT_LOADED:  # 15 GB: load once per process (a comparison runs many strategies)
@@ -58,6 +60,26 @@ def load_model(path: str | Path | None = None, seed: int = 0, *, suite: str | No
 _OFT_LOADED: dict[tuple, tuple] = {}
 
 
+def check_device(device: str) -> None:
+    """A one-line error (before any weights load) when ``device`` cannot run here."""
+    device = str(device)
+    if not device.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        why = "a CPU-only build" if torch.version.cuda is None else "no GPU found"
+        raise PrunebenchError(f"--device {device}: CUDA is not available to torch {torch.__version__} "
+                              f"({why}); use --device cpu")
+    index = int(device.split(":", 1)[1]) if ":" in device else 0
+    if index >= torch.cuda.device_count():
+        raise PrunebenchError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA "
+                              f"device(s) (cuda:0..cuda:{torch.cuda.device_count() - 1})")
+
+
+def model_device(model) -> str:
+    """Where the model's weights really are (``cpu``, ``cuda:0``)."""
+    return str(next(model.parameters()).device)
+
+
 def _load_oft(path, suite: str | None, device: str):
     from prunebench.models.oft_checkpoint import load_oft
 
@@ -69,4 +91,4 @@ def _load_oft(path, suite: str | None, device: str):
     return model, info
 
 
-__all__ = ["MiniOFT", "MiniOFTConfig", "load_model", "builtin_weights"]
+__all__ = ["MiniOFT", "MiniOFTConfig", "load_model", "builtin_weights", "check_device", "model_device"]

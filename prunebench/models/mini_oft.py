@@ -1,6 +1,7 @@
 """MiniOFT: a small OpenVLA-OFT-shaped VLA that runs on a CPU.
 
-Same data flow as OpenVLA-OFT (openvla-oft.md §1-6), scaled down:
+Same data flow as OpenVLA-OFT (Kim et al., arXiv 2502.19645; github.com/moojink/openvla-oft),
+scaled down:
 
     camera views --conv patch stem--> patch tokens --GELU MLP projector--> LLM width
     proprio (8) --MLP--> 1 token
@@ -185,13 +186,19 @@ class MiniOFT(nn.Module):
     def attn_implementation(self) -> str:
         return self.llm.config._attn_implementation
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are; every input tensor is created there."""
+        return self.action_queries.device
+
     # ------------------------------------------------------------------ pre-LLM
     def preprocess_images(self, obs: Observation) -> torch.Tensor:
         """uint8 HxWx3 per view -> (views, 3, S, S) floats in [0, 1] at the model's resolution."""
         missing = [v for v in self.cfg.views if v not in obs.images]
         if missing:
             raise ValueError(f"observation.images lacks view(s) {missing}; model expects {self.cfg.views}")
-        x = torch.stack([torch.as_tensor(np.ascontiguousarray(obs.images[v])) for v in self.cfg.views])
+        x = torch.stack([torch.as_tensor(np.ascontiguousarray(obs.images[v]), device=self.device)
+                         for v in self.cfg.views])
         return self.resize(x.permute(0, 3, 1, 2).float() / 255.0)
 
     def resize(self, images: torch.Tensor) -> torch.Tensor:
@@ -202,13 +209,17 @@ class MiniOFT(nn.Module):
                              align_corners=False).clamp(0, 1)
 
     def normalize_proprio(self, proprio: np.ndarray | torch.Tensor) -> torch.Tensor:
-        p = torch.as_tensor(np.asarray(proprio, dtype=np.float32))
-        return _to_unit(p, self.proprio_q01, self.proprio_q99)
+        return _to_unit(self._float_input(proprio), self.proprio_q01, self.proprio_q99)
 
     def normalize_actions(self, actions: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Raw actions -> the head's [-1, 1] targets (training); inverse of unnormalize_actions."""
-        a = torch.as_tensor(np.asarray(actions, dtype=np.float32))
-        return _to_unit(a, self.action_q01, self.action_q99)
+        return _to_unit(self._float_input(actions), self.action_q01, self.action_q99)
+
+    def _float_input(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """An array or tensor as float32 on the model's device."""
+        if isinstance(x, torch.Tensor):
+            return x.to(self.device, torch.float32)
+        return torch.as_tensor(np.asarray(x, dtype=np.float32), device=self.device)
 
     def layout_for(self, n_prompt: int) -> TokenLayout:
         g = self.cfg.grid
@@ -225,15 +236,15 @@ class MiniOFT(nn.Module):
         visual = self.projector(patches)
         prop = self.proprio_projector(proprio).unsqueeze(1)
         tok = self.llm.embed_tokens
-        bos = tok(torch.full((b, 1), self.tokenizer.bos))
-        stop = tok(torch.full((b, 1), self.tokenizer.eos))
+        bos = tok(torch.full((b, 1), self.tokenizer.bos, device=visual.device))
+        stop = tok(torch.full((b, 1), self.tokenizer.eos, device=visual.device))
         actions = self.action_queries.expand(b, -1, -1)
         return torch.cat([bos, visual, prop, tok(prompt_ids), actions, stop], dim=1)
 
     @torch.inference_mode()
     def encode(self, obs: Observation) -> Encoded:
         images = self.preprocess_images(obs)
-        ids = torch.tensor([self.tokenizer.prompt_ids(obs.instruction)])
+        ids = torch.tensor([self.tokenizer.prompt_ids(obs.instruction)], device=self.device)
         embeds = self.embed(images[None], self.normalize_proprio(obs.proprio)[None], ids)
         return Encoded(embeds, self.layout_for(ids.shape[1]), images)
 

@@ -2,15 +2,17 @@
 
 A checkpoint directory (or hub id, fetched with huggingface_hub when it is installed) holds:
 
-    config.json                          vision_backbone_id, text_config (Llama), norm_stats
+    config.json                          vision_backbone_id, text_config (Llama), norm_stats (may be
+                                         only the base model's)
     model.safetensors[.index.json]       vision_backbone.*, projector.*, language_model.* (sharded)
     proprio_projector--<step>_checkpoint.pt   torch state dict, keys prefixed "module." (DDP)
     action_head--<step>_checkpoint.pt         likewise
-    dataset_statistics.json              norm stats (used when config.json has none)
+    dataset_statistics.json              norm stats written by fine-tuning (read first)
     tokenizer files                      read with transformers.AutoTokenizer
 
-Normalisation statistics are chosen by suite: ``<suite>``, then ``<suite>_no_noops`` (as OFT's eval
-does), or the only key when the checkpoint has one.
+Normalisation statistics come from dataset_statistics.json, else config.json (see read_norm_stats),
+and are chosen by suite: ``<suite>``, then ``<suite>_no_noops`` (as OFT's eval does), or the only key
+when the checkpoint has one.
 """
 
 from __future__ import annotations
@@ -56,17 +58,31 @@ def resolve(source: str | Path) -> Path:
                               f"{str(err).splitlines()[0] if str(err) else ''})") from None
 
 
-def unnorm_key(norm_stats: dict, suite: str | None) -> str:
+def read_norm_stats(root: Path) -> tuple[dict, str]:
+    """The normalisation statistics and the file they came from. Fine-tuning writes the LIBERO statistics
+    to dataset_statistics.json, and OFT's evaluation replaces the model's (config.json's, possibly only
+    the base model's) by that file whenever it exists (openvla-oft's experiments/robot/openvla_utils.py,
+    ``_load_dataset_stats``); config.json's are used only without it."""
+    path = root / "dataset_statistics.json"
+    if path.is_file():
+        return _read_json(path), path.name
+    stats = _read_json(root / "config.json").get("norm_stats")
+    if not stats:
+        raise PrunebenchError(f"checkpoint {root} has no dataset_statistics.json and no norm_stats in config.json")
+    return stats, "config.json"
+
+
+def unnorm_key(norm_stats: dict, suite: str | None, source: str = "checkpoint") -> str:
     keys = sorted(norm_stats)
     if suite is None:
         if len(keys) == 1:
             return keys[0]
-        raise PrunebenchError(f"checkpoint has norm stats for several datasets ({', '.join(keys)}); "
+        raise PrunebenchError(f"{source} has norm stats for several datasets ({', '.join(keys)}); "
                               "name the suite")
     for key in (suite, f"{suite}_no_noops"):
         if key in norm_stats:
             return key
-    raise PrunebenchError(f"checkpoint has no norm stats for suite {suite!r}; it has: {', '.join(keys)}")
+    raise PrunebenchError(f"{source} has no norm stats for suite {suite!r}; it has: {', '.join(keys)}")
 
 
 def load_oft(source: str | Path, *, suite: str | None = None, device: str = "cpu",
@@ -74,13 +90,14 @@ def load_oft(source: str | Path, *, suite: str | None = None, device: str = "cpu
     """Build the adapter from a checkpoint: every tensor it needs is loaded, or a one-line error."""
     root = resolve(source)
     config = _read_json(root / "config.json")
-    norm_stats = config.get("norm_stats") or _read_json(root / "dataset_statistics.json")
+    norm_stats, stats_file = read_norm_stats(root)
     spec = OFTSpec(vision_backbone_id=config["vision_backbone_id"],
                    image_size=config.get("image_sizes", [224])[0], text_config=config["text_config"])
     tokenizer = _tokenizer(root)
+    key = unnorm_key(norm_stats, suite, f"checkpoint's {stats_file}")
     with torch.device(device):
-        model = OpenVLAOFT(spec, tokenizer, norm_stats, unnorm_key(norm_stats, suite), attn_implementation)
-    model.to(dtype)
+        model = OpenVLAOFT(spec, tokenizer, norm_stats, key, attn_implementation)
+    model.to(dtype)  # the rotary inv_freq buffers stay float32 (OpenVLAOFT._apply)
     wanted = model.state_dict()
     loaded: set[str] = set()
     for state in _weight_files(root):

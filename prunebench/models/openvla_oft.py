@@ -1,7 +1,8 @@
 """OpenVLA-OFT checkpoints (``moojink/openvla-7b-oft-finetuned-libero-*``) as a model the engine runs.
 
-Modules are named exactly as in the released files, so the checkpoint loads as it is
-(openvla-oft.md §1, §11):
+Modules are named exactly as in the released files (github.com/moojink/openvla-oft,
+prismatic/extern/hf/modeling_prismatic.py and prismatic/models/action_heads.py), so the checkpoint
+loads as it is:
 
     vision_backbone.featurizer        DINOv2 ViT-L/14, 4 registers (timm layout)
     vision_backbone.fused_featurizer  SigLIP so400m/14 (timm layout)
@@ -38,7 +39,7 @@ from prunebench.models.mini_oft import Encoded, patch_pixels
 
 PROMPT = "In: What action should the robot take to {task}?\nOut:"
 EMPTY_PIECE = "▁"  # Llama's id 29871; predict_action appends it when the prompt does not end in it
-CHUNK, ACTION_DIM, PROPRIO_DIM = 8, 7, 8  # LIBERO constants (prismatic/vla/constants.py)
+CHUNK, ACTION_DIM, PROPRIO_DIM = 8, 7, 8  # LIBERO constants (openvla-oft's prismatic/vla/constants.py)
 CROP_AREA = 0.9  # training used random crops of 90 % area; evaluation centre-crops the same box
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -259,8 +260,9 @@ def resize_like_rlds(image: np.ndarray, size: int) -> np.ndarray:
     """OFT's resize_image_for_policy: JPEG round trip, then Lanczos-3 with antialiasing, to uint8.
 
     OFT does this with TensorFlow; we use PIL (JPEG quality 95 as TF's default, LANCZOS = Lanczos-3
-    with antialiasing). Codec and kernel details differ slightly, so pixels may differ by a few
-    levels; LIBERO frames must be resized (256 -> 224)."""
+    with antialiasing). On real LIBERO frames the result is up to 17 grey levels from TF's (1.1 on
+    average), almost all of it from the two JPEG codecs (docs/gpu.md); LIBERO frames must be resized
+    (256 -> 224)."""
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="JPEG", quality=95)
     decoded = Image.open(buffer).convert("RGB")
@@ -322,6 +324,19 @@ class OpenVLAOFT(nn.Module):
         self._action_bounds = _Q99Bounds(stats["action"])
         self._proprio_bounds = _Q99Bounds(stats["proprio"])
         self._head_ids, self._tail_ids = _template_ids(tokenizer)
+
+    def _apply(self, fn, recurse=True):
+        """Every cast and move (``to``, ``bfloat16()``, ``cuda()``) keeps the rotary ``inv_freq`` buffers
+        float32, as OFT's ``from_pretrained(torch_dtype=torch.bfloat16)`` does: in bfloat16 they move the
+        rotary angles (position x inv_freq) and so the actions."""
+        rotary = {name: buf.float() for name, buf in self.named_buffers(remove_duplicate=False)
+                  if name.endswith("inv_freq")}  # per model or per layer, by transformers release
+        super()._apply(fn, recurse)
+        for name, buf in rotary.items():
+            owner, _, attr = name.rpartition(".")
+            module = self.get_submodule(owner)
+            setattr(module, attr, buf.to(getattr(module, attr).device))
+        return self
 
     # -- what the engine reads
     @property
