@@ -131,7 +131,7 @@ def main(argv=None) -> int:
                      "llm_speedup": speedup, "flops_ideal": ideal, "ratio": speedup / ideal,
                      "end_to_end_speedup": dense["total"] / s["total"],
                      "overhead_pct": 100 * s["overhead"] / s["total"]})
-    env = environment()
+    env = environment(str(engine.device))
     print(f"dense: LLM {dense['llm']:.2f} ms, query {dense['total']:.2f} ms; {args.rounds} rounds; "
           f"backend {engine.attention_backend}; {env['torch_threads']} threads; model "
           f"{model_info['source']}")

@@ -105,7 +105,7 @@ def main(argv=None) -> int:
         rows.append({**row.model_dump(), "vision_ms": median_ms(row.strategy, "vision"),
                      "head_ms": median_ms(row.strategy, "head"), "budget": str(budget or "paper default")})
     layout = model.encode(next(iter(stream)).observation).layout
-    env = environment()
+    env = environment(str(engine.device))
     gpu = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu (smoke)"
     peak = torch.cuda.max_memory_allocated(args.device) / 2**30 if args.device.startswith("cuda") else None
     print(f"{gpu}: OFT-7B-shaped{' (toy width)' if args.smoke else ''}, {model.dtype}, {args.attn}, "

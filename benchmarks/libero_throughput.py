@@ -71,7 +71,7 @@ def main(argv=None) -> int:
         rows: list[dict]
 
     write_json(args.out, Throughput(command=" ".join(["python"] + sys.argv), suite=args.suite,
-                                    environment=environment(), rows=rows))
+                                    environment=environment("cpu"), rows=rows))
     print(f"wrote {args.out}")
     return 0
 

@@ -63,6 +63,7 @@ class StageTimer:
     def __init__(self, sync=None) -> None:
         self.ms = {name: 0.0 for name in STAGES}
         self.sync = sync or (lambda: None)
+        self.cpu_ms: float | None = None  # set by total(): CPU time of this thread over the query
         self._cpu_start = time.thread_time()
         self._start = time.perf_counter()
 

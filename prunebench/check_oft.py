@@ -139,7 +139,7 @@ def check(checkpoint: str, *, suite: str | None, device: str, n: int, reference:
     return {"checkpoint": str(checkpoint), "reference": reference, "observations": source,
             "unnorm_key": model.unnorm_key, "dtype": info["dtype"], "device": device,
             "attention_backend": model.attn_implementation, "tolerance": tolerance,
-            "max_abs_diff": worst, "passed": worst <= tolerance, "rows": rows, "environment": environment()}
+            "max_abs_diff": worst, "passed": worst <= tolerance, "rows": rows, "environment": environment(str(engine.device))}
 
 
 def _gripper(normalized: np.ndarray) -> np.ndarray:

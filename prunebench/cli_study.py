@@ -39,6 +39,8 @@ def cmd_study_run(args) -> int:
 
     _quiet_experimental_warnings()
     defn = load_study_definition(args.definition)
+    if args.threads:  # the measuring processes' torch threads, over the definition's evaluation.threads
+        defn = defn.model_copy(update={"evaluation": defn.evaluation.model_copy(update={"threads": args.threads})})
     if args.action == "resume" and not load_studies(defn):
         raise PrunebenchError(f"no study {defn.name!r} in {defn.storage_url}; start it with 'study run'")
     runner = StudyRunner(defn, log=_log)
@@ -173,6 +175,8 @@ def _token_plots(defn, representatives, out: Path, args) -> list[Path]:
 
 
 def add_parsers(sub) -> None:
+    from prunebench.cli import positive_int
+
     p = sub.add_parser("study", help="Optuna Pareto studies: run | resume | show | export",
                        formatter_class=argparse.RawDescriptionHelpFormatter, description=STUDY_HELP)
     actions = p.add_subparsers(dest="action", required=True)
@@ -180,6 +184,9 @@ def add_parsers(sub) -> None:
                          ("resume", "continue a study that exists (after a crash or kill)")):
         a = actions.add_parser(action, help=text, description=text)
         a.add_argument("definition", help="study definition (YAML/JSON), e.g. studies/object_pareto.yaml")
+        a.add_argument("--threads", type=positive_int, metavar="N",
+                       help="torch threads of each process that measures (default: the definition's "
+                            "evaluation.threads, else the cores / the processes running at once)")
         a.add_argument("--fail-running", action="store_true",
                        help="mark RUNNING trials failed and retry them first (journal storage, which "
                             "has no heartbeat; only when no other worker is alive)")

@@ -304,18 +304,20 @@ def _write_video(frames: list[np.ndarray], path: Path) -> str | None:
 # --------------------------------------------------------------------------- worker processes
 _WORKER: EpisodeRunner | None = None
 _WORKER_CFG: EvalConfig | None = None
+_WORKER_MAKE_ENV: Callable[[Job], object] | None = None
 
 
-def _init_worker(cfg: EvalConfig) -> None:
-    global _WORKER_CFG
+def _init_worker(cfg: EvalConfig, make_env: Callable[[Job], object] | None = None) -> None:
+    global _WORKER_CFG, _WORKER_MAKE_ENV
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     _WORKER_CFG = cfg  # cfg.threads: this worker's torch threads, set by EpisodeRunner
+    _WORKER_MAKE_ENV = make_env
 
 
 def _run_in_worker(job: Job) -> EpisodeResult:
     global _WORKER
     if _WORKER is None:  # built here, not in the initializer: its errors reach the parent as they are
-        _WORKER = EpisodeRunner(_WORKER_CFG)
+        _WORKER = EpisodeRunner(_WORKER_CFG, make_env=_WORKER_MAKE_ENV)
     return _WORKER.run(job)
 
 
@@ -445,10 +447,15 @@ def _finish(results: EvalResults, t0: float) -> None:
             results.environment[key] = seen[0] if len(seen) == 1 else seen
 
 
-def _run_pool(cfg: EvalConfig, jobs: list[Job], record: Callable[[EpisodeResult], None]) -> None:
+def _run_pool(cfg: EvalConfig, jobs: list[Job], record: Callable[[EpisodeResult], None],
+              make_env: Callable[[Job], object] | None = None) -> None:
+    """``make_env``: a picklable env factory for the workers (tests); None = LIBERO."""
+    from prunebench.contention import default_threads
+
     workers = min(cfg.workers, len(jobs))
+    cfg = cfg.model_copy(update={"threads": cfg.threads or default_threads(workers)})
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                               initargs=(cfg,))
+                               initargs=(cfg, make_env))
     try:
         pending = {pool.submit(_run_in_worker, job) for job in jobs}
         while pending:

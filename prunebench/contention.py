@@ -117,14 +117,14 @@ def of_records(records, load_avg: Iterable[float | None], cores: int | None = No
 
 
 def summary_line(contention: Contention | None) -> str:
-    """One line for under a table or after a run's summary."""
+    """One line for after a run's summary: the verdict, each piece of evidence and its threshold."""
     if contention is None:
         return "contention: not recorded"
     share = "n/a" if contention.cpu_share_median is None else f"{contention.cpu_share_median:.2f}"
-    loads = ", ".join(f"{v:.2f}" for v in contention.load_avg) or "n/a"
-    verdict = ("CONTENDED: " + "; ".join(contention.reasons)) if contention.contended else "not contended"
-    return (f"contention: {verdict} (querying thread CPU/wall median {share}, load average {loads} "
-            f"on {contention.cores} cores)")
+    loads = " -> ".join(f"{v:.2f}" for v in contention.load_avg) or "n/a"
+    return (f"contention: {'CONTENDED' if contention.contended else 'quiet'}: querying thread's median "
+            f"CPU/wall {share} (contended below {CPU_SHARE_MIN}), load average {loads} on {contention.cores} "
+            f"cores (contended above {LOAD_PER_CORE * contention.cores:g})")
 
 
 def of_episodes(episodes) -> Contention | None:

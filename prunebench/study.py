@@ -51,7 +51,8 @@ OBJECTIVES: dict[str, tuple[str, tuple[str, ...], str]] = {
 }
 MEASURED_AGAINST_DENSE = ("speedup", "action_error")  # need the dense forward on every query
 METRICS = ("success_rate", "success_ci95", "n_episodes", "n_errors", "latency_ms", "speedup", "action_error",
-           "gflops", "visual_tokens", "keep_ratio", "latency_breakdown_ms")
+           "gflops", "visual_tokens", "keep_ratio", "latency_breakdown_ms",
+           "contended", "threads", "device")  # how the latency was measured (prunebench.contention)
 
 
 # --------------------------------------------------------------------------- definition
@@ -62,6 +63,8 @@ class Evaluation(BaseModel):
     mode: Literal["closed_loop", "replay", "synthetic"] = "closed_loop"
     model: str | None = None  # MiniOFT weights or an OpenVLA-OFT checkpoint; None = the built-in model
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
+    # torch threads of each process that measures; None = the cores / the processes measuring at once
+    threads: int | None = Field(None, ge=1)
     # closed_loop: EvalConfig fields (suite, tasks, episodes, first_init_state, render_quality, ...)
     closed_loop: dict[str, Any] = Field(default_factory=dict)
     streams: list[str] = Field(default_factory=list)  # replay: stream files or directories
@@ -78,12 +81,12 @@ class Evaluation(BaseModel):
     def eval_config(self, strategy: str, config: dict, seed: int):
         from prunebench.closed_loop import EvalConfig
 
-        taken = {"strategy", "config", "seed", "model", "device"} & set(self.closed_loop)
+        taken = {"strategy", "config", "seed", "model", "device", "threads"} & set(self.closed_loop)
         if taken:
             raise ValueError(f"closed_loop.{sorted(taken)[0]} is set by the study, not here")
         try:
             return EvalConfig(strategy=strategy, config=config, seed=seed, model=self.model, device=self.device,
-                              **self.closed_loop)
+                              threads=self.threads, **self.closed_loop)
         except ValidationError as err:
             raise ValueError(one_line(err, field_prefix="closed_loop.")) from None
 
@@ -384,10 +387,12 @@ class Evaluator:
     """Measures one strategy config under the definition's evaluation (one model per process)."""
 
     def __init__(self, defn: StudyDefinition) -> None:
+        from prunebench.contention import set_threads
         from prunebench.models import load_model
 
         self.defn = defn
         evaluation = defn.evaluation
+        set_threads(evaluation.threads)  # replays measure in this process (closed loop sets its own)
         self.model, _ = load_model(evaluation.model, seed=defn.seed, suite=evaluation.closed_loop.get("suite"),
                                    device=evaluation.device)
         self.n_visual = self.model.layout_for(1).n_visual
@@ -399,7 +404,7 @@ class Evaluator:
         if closed_loop is not None or evaluation.mode == "closed_loop":
             if closed_loop is not None:
                 evaluation = Evaluation(mode="closed_loop", model=evaluation.model, device=evaluation.device,
-                                        closed_loop=closed_loop)
+                                        threads=evaluation.threads, closed_loop=closed_loop)
             return self._closed_loop(evaluation, strategy, config, output)
         return self._replay(strategy, config, output)
 
@@ -407,12 +412,16 @@ class Evaluator:
         from prunebench.closed_loop import evaluate
 
         cfg = evaluation.eval_config(strategy, config, self.defn.seed)
-        overall = evaluate(cfg, output, f"prunebench study run ({self.defn.name})").overall
+        results = evaluate(cfg, output, f"prunebench study run ({self.defn.name})")
+        overall = results.overall
         q = overall.queries
         return self._metrics(q, success_rate=overall.success_rate, success_ci95=list(overall.success_ci95),
                              n_episodes=overall.n_episodes, n_errors=overall.n_errors,
                              speedup=(overall.speedup_vs_dense or {}).get("total"),
-                             action_error=overall.action_error_vs_dense)
+                             action_error=overall.action_error_vs_dense,
+                             contended=overall.contention.contended if overall.contention else None,
+                             threads=results.environment.get("torch_threads"),
+                             device=results.environment.get("device"))
 
     def _replay(self, strategy: str, config: dict, output: Path) -> dict:
         from prunebench.engine import PruningEngine
@@ -436,7 +445,8 @@ class Evaluator:
                         name=strategy)
         write_json(output, report)
         return self._metrics(report.queries, speedup=report.speedup_vs_dense["total"],
-                             action_error=report.action_error.mean)
+                             action_error=report.action_error.mean, contended=report.contention.contended,
+                             threads=report.environment["torch_threads"], device=report.environment["device"])
 
     def _metrics(self, queries, **measured) -> dict[str, Any]:
         """Definitions in prunebench.metrics: latency is the median, its breakdown per stage means."""
@@ -456,6 +466,7 @@ class StudyRunner:
         self.storage = open_storage(defn)
         self.evaluator: Evaluator | None = None
         self._dense: dict | None = None  # the dense baseline's metrics, once it is complete
+        self._last_trial = -1  # number of the trial this worker ran last
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def run(self) -> None:
@@ -491,6 +502,7 @@ class StudyRunner:
 
     def _fill(self, study: optuna.Study, strategy: str) -> None:
         target = self.defn.target(strategy)
+        failed_in_a_row = 0
         while True:
             optuna.storages.fail_stale_trials(study)  # dead workers' trials -> FAIL (and a retry)
             trials = study.get_trials(deepcopy=False)
@@ -504,9 +516,15 @@ class StudyRunner:
             self.log(f"{strategy}: next trial ({done}/{target} complete)")
             study.optimize(self._objective(strategy), n_trials=1, catch=(TrialFailed,),
                            callbacks=[_retry_failed(self.defn.max_retry)])
+            last = study.get_trials(deepcopy=False)[self._last_trial]  # not a retry enqueued after it
+            failed_in_a_row = failed_in_a_row + 1 if last.state == TrialState.FAIL else 0
+            if failed_in_a_row > self.defn.max_retry:  # not one config's bad luck: stop, don't spin
+                raise RunAborted(f"study {self.defn.name}: {failed_in_a_row} trials of {strategy} in a "
+                                 f"row failed, the last with: {last.user_attrs.get('error')}")
 
     def _objective(self, strategy: str):
         def objective(trial: optuna.Trial) -> list[float]:
+            self._last_trial = trial.number
             if _surplus(trial, self.defn.target(strategy)):
                 trial.set_user_attr("surplus", True)  # two workers asked at once; the other was first
                 raise optuna.TrialPruned("the trial count is reached by other workers")

@@ -282,3 +282,26 @@ def test_front_is_validated_in_closed_loop(tmp_path):
     trial = front[~front["dense"]]["trial"].iloc[0]
     validated = json.loads((tmp_path / "results" / "random" / f"trial_{trial}_closed_loop.json").read_text())
     assert validated["complete"] and validated["config"]["max_steps"] == 16
+
+
+def test_a_failing_trial_is_one_line_and_keeps_its_traceback(tmp_path, monkeypatch, capsys):
+    from prunebench import study as study_module
+
+    real = study_module.Evaluator.__call__
+
+    def evaluate(self, strategy, config, output, closed_loop=None):
+        if strategy == "random":
+            raise ValueError("kaboom")
+        return real(self, strategy, config, output, closed_loop)
+
+    monkeypatch.setattr(study_module.Evaluator, "__call__", evaluate)
+    path = write_definition(tmp_path, strategies={"random": {"trials": 2}}, max_retry=1)
+    assert main(["study", "run", path]) == 1
+    err = capsys.readouterr().err
+    failures = [line for line in err.splitlines() if "failed" in line]
+    assert "Traceback" not in err and len(failures) == 3  # two trials, then the run stops
+    assert failures[0].startswith("t/random trial 0 failed: ValueError: kaboom; retrying")
+    assert failures[-1] == ("error: study t: 2 trials of random in a row failed, the last with: "
+                            "ValueError: kaboom")
+    trial = optuna.load_study(study_name="t/random", storage=f"sqlite:///{tmp_path}/results/study.db").trials[0]
+    assert trial.state == TrialState.FAIL and "raise ValueError(\"kaboom\")" in trial.user_attrs["traceback"]
