@@ -77,6 +77,20 @@ class StageTimer:
             self.sync()
             self.ms[stage] = self.ms.get(stage, 0.0) + (time.perf_counter() - t0) * 1e3
 
+    @contextmanager
+    def within(self, outer: str, stage: str):
+        """A span inside an ``outer`` stage's span, charged to ``stage`` instead (e.g. signals
+        computed inside a layer call are overhead, not LLM time)."""
+        self.sync()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.sync()
+            ms = (time.perf_counter() - t0) * 1e3
+            self.ms[outer] = self.ms.get(outer, 0.0) - ms
+            self.ms[stage] = self.ms.get(stage, 0.0) + ms
+
     def total(self) -> dict[str, float]:
         out = dict(self.ms)
         out["total"] = (time.perf_counter() - self._start) * 1e3

@@ -108,13 +108,18 @@ class OpenVLAReference:
 
 
 def check(checkpoint: str, *, suite: str | None, device: str, n: int, reference: str,
-          tolerance: float, synthetic: bool = False) -> dict:
-    """Run both sides on ``n`` observations; the report has per-observation and overall max |diff|."""
+          tolerance: float, synthetic: bool = False, trust_remote_code: bool = False) -> dict:
+    """Run both sides on ``n`` observations; the report has per-observation and overall max |diff|.
+    ``reference="openvla"`` runs the checkpoint's own Python code, so it needs ``trust_remote_code``."""
     from prunebench.engine import PruningEngine
     from prunebench.models import load_model
     from prunebench.models.oft_checkpoint import is_oft_checkpoint, resolve
     from prunebench.versions import environment
 
+    if reference == "openvla" and not trust_remote_code:  # refused before anything is loaded
+        raise PrunebenchError("--reference openvla runs the checkpoint's own Python code "
+                              "(trust_remote_code=True); pass --trust-remote-code to allow it, or use "
+                              "--reference adapter")
     if not is_oft_checkpoint(checkpoint):
         raise PrunebenchError(f"checkpoint {checkpoint!r} is neither an OpenVLA-OFT directory nor a hub id")
     if reference == "openvla":

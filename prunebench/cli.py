@@ -9,6 +9,8 @@ from pathlib import Path
 
 from prunebench.baseline import DENSE
 from prunebench.errors import PrunebenchError
+from prunebench.interrupts import exit_code, sigterm_interrupts
+from prunebench.outputs import OVERWRITE_HELP, claim, releasing
 
 EPILOG = """examples:
   prunebench compare --suite libero_object --tasks 0 2 4 --episodes 2 --workers 2
@@ -29,20 +31,6 @@ EPILOG = """examples:
   prunebench demos && prunebench train -o policy.safetensors
                                            make expert demos and train the built-in policy
 """
-
-
-def _stamp() -> str:
-    import datetime as dt
-
-    return dt.datetime.now().strftime("%Y%m%dT%H%M%S")
-
-
-def _output_path(given: str | None, default_stem: str, overwrite: bool) -> Path:
-    """Where to write results: never silently replaces an earlier results file."""
-    path = Path(given) if given else Path("results") / f"{default_stem}_{_stamp()}.json"
-    if path.exists() and not overwrite:
-        raise PrunebenchError(f"{path} exists; choose another --output or pass --overwrite")
-    return path
 
 
 def cmd_plugins(args) -> int:
@@ -118,8 +106,8 @@ def cmd_run_libero(args) -> int:
         skip_first_actions=args.skip_first_actions, threads=args.threads)
     if args.set:
         cfg = cfg.model_copy(update={"config": {**cfg.config, **parse_overrides(args.set)}})
-    output = _output_path(args.output, f"{cfg.suite}_{cfg.strategy}", args.overwrite)
     _, _, task_list = plan_jobs(cfg)
+    output = claim(args.output, f"{cfg.suite}_{cfg.strategy}", args.overwrite)
     bars = {t.task_id: tqdm(total=cfg.episodes, desc=f"task {t.task_id:>2} {t.instruction[:40]}",
                             position=i, leave=True, file=sys.stderr, disable=None, dynamic_ncols=True)
             for i, t in enumerate(task_list)}
@@ -138,11 +126,11 @@ def cmd_run_libero(args) -> int:
     command = " ".join(["prunebench"] + sys.argv[1:])
     try:
         results = evaluate(cfg, output, command, on_episode=progress)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         for bar in bars.values():
             bar.close()
         print(f"\ninterrupted: the episodes finished so far are in {output}", file=sys.stderr)
-        return 130
+        return exit_code(err)
     for bar in bars.values():
         bar.close()
     print_summary(results)
@@ -151,10 +139,13 @@ def cmd_run_libero(args) -> int:
 
 
 def cmd_suites(args) -> int:
-    from prunebench.envs.libero import stock_max_steps, suite_names, tasks
+    from prunebench.envs.libero import stock_max_steps, suite_names, tasks, unavailable
 
     names = [args.suite] if args.suite else suite_names()
     for name in names:
+        if not args.suite and unavailable(name):  # listed with the reason; a named one is an error
+            print(f"{name}  (unavailable: {unavailable(name)})")
+            continue
         limit = stock_max_steps(name)
         listed = tasks(name)
         print(f"{name}  ({len(listed)} tasks, max steps {limit if limit else 'none: give --max-steps'})")
@@ -173,6 +164,7 @@ def cmd_replay(args) -> int:
 
     strategy = MANAGER.create(args.strategy, parse_overrides(args.set))
     streams = [RecordedStream(p) for p in stream_files(args.streams)]
+    output = claim(args.output, "replay", args.overwrite) if args.output else None
     suite = streams[0].header.get("suite") if streams else None  # picks an OFT checkpoint's norm stats
     engine, _ = _engine(args.model, args.seed, args.device, suite, args.threads)
     report = replay(engine, strategy, streams, seed=args.seed, name=args.strategy)
@@ -181,9 +173,9 @@ def cmd_replay(args) -> int:
           f"dense mean {a.mean:.4f}, median {a.median:.4f}, p90 {a.p90:.4f}; speedup vs dense "
           f"{report.speedup_vs_dense['total']:.2f} (LLM {report.speedup_vs_dense['llm']:.2f})")
     print(summary_line(report.contention))
-    if args.output:
-        write_json(_output_path(args.output, "replay", args.overwrite), report)
-        print(f"wrote {args.output}")
+    if output:
+        write_json(output, report)
+        print(f"wrote {output}")
     return 0
 
 
@@ -208,6 +200,7 @@ def cmd_run_stream(args) -> int:
         raise PrunebenchError("give --strategy NAME or --config FILE")
     overrides = parse_overrides(args.set)
     strategy = MANAGER.create(run.strategy, {**run.config, **overrides})
+    output = claim(args.output, f"stream_{run.strategy}", args.overwrite)
     engine, model_info = _engine(run.model, run.seed, run.device, threads=args.threads or run.threads)
     device = model_device(engine.model)
     stream = SyntheticStream(n_queries=args.queries, seed=run.seed,
@@ -221,7 +214,7 @@ def cmd_run_stream(args) -> int:
         model=model_info, source=stream.describe(), attention_backend=engine.attention_backend,
         environment=environment(device, torch.get_num_threads()), summary=QuerySummary.of(records),
         contention=of_records(records, [load_start, load_average()], device=device), queries=records)
-    path = write_json(_output_path(args.output, f"stream_{run.strategy}", args.overwrite), out)
+    path = write_json(output, out)
     s = out.summary
     print(f"{run.strategy}: {s.n_queries} queries, median {s.latency_ms['total'].median:.2f} ms "
           f"(LLM {s.latency_ms['llm'].median:.2f} ms){' *contended*' if out.contention.contended else ''}, "
@@ -247,20 +240,20 @@ def _strategies_to_compare(names: list[str] | None, keep_ratio: float) -> dict[s
 
 
 def cmd_compare_libero(args) -> int:
-    from prunebench.closed_loop import EvalConfig, evaluate
+    from prunebench.closed_loop import evaluate, load_eval_config
     from prunebench.compare import CLOSED_LOOP_COLUMNS, closed_loop_rows, format_table
     from prunebench.contention import table_note
 
-    out_dir = Path(args.output or f"results/compare_{args.suite}_{_stamp()}")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise PrunebenchError(f"{out_dir} exists and is not empty; choose another --output")
+    strategies = _strategies_to_compare(args.strategies, args.keep_ratio)
+    out_dir = claim(args.output, f"compare_{args.suite}", args.overwrite, directory=True,
+                    members=[f"{name}.json" for name in strategies])
     results, files = {}, {}
-    for name, overrides in _strategies_to_compare(args.strategies, args.keep_ratio).items():
-        cfg = EvalConfig(strategy=name, config=overrides, seed=args.seed, model=args.model,
-                         device=args.device or "cpu", camera_size=args.camera_size, suite=args.suite,
-                         tasks=args.tasks, episodes=args.episodes,
-                         workers=args.workers, render_quality=args.render_quality,
-                         hard_reset=not args.fast_reset, threads=args.threads)
+    for name, overrides in strategies.items():
+        cfg = load_eval_config(None, strategy=name, config=overrides, seed=args.seed, model=args.model,
+                               device=args.device or "cpu", camera_size=args.camera_size,
+                               suite=args.suite, tasks=args.tasks, episodes=args.episodes,
+                               workers=args.workers, render_quality=args.render_quality,
+                               hard_reset=not args.fast_reset, threads=args.threads)
         files[name] = str(out_dir / f"{name}.json")
         print(f"{name}: {args.episodes} episode(s) per task ...", file=sys.stderr, flush=True)
         results[name] = evaluate(cfg, files[name], " ".join(["prunebench"] + sys.argv[1:]))
@@ -292,6 +285,7 @@ def cmd_compare(args) -> int:
     from prunebench.versions import environment
     from pydantic import BaseModel
 
+    output = claim(args.output, "compare", args.overwrite) if args.output else None
     engine, model_info = _engine(args.model, args.seed, args.device, threads=args.threads)
     device = model_device(engine.model)
     strategies = {name: MANAGER.create(name, overrides)
@@ -323,24 +317,31 @@ def cmd_compare(args) -> int:
         configs: dict
         rows: list  # each with its contention evidence and verdict
 
-    if args.output:
-        write_json(args.output, Comparison(
+    if output:
+        write_json(output, Comparison(
             command=" ".join(["prunebench"] + sys.argv[1:]), seed=args.seed, keep_ratio=args.keep_ratio,
             model=model_info, attention_backend=engine.attention_backend, environment=env,
             strategies={n: StrategyInfo.of(n, s).model_dump() for n, s in strategies.items()},
             configs={n: s.config.model_dump() for n, s in strategies.items()},
             rows=[r.model_dump() for r in rows]))
-        print(f"wrote {args.output}")
+        print(f"wrote {output}")
     return 0
 
 
 def cmd_demos(args) -> int:
-    from prunebench.demos import generate, load_demo_config
+    from prunebench.demos import generate, is_dataset, load_demo_config
 
     cfg = load_demo_config(args.config, suite=args.suite, tasks=args.tasks, per_task=args.per_task,
                            noise=args.noise, render_every=args.render_every, workers=args.workers,
                            seed_offset=args.seed_offset)
-    manifest = generate(cfg, args.output)
+    out = Path(args.output)
+    # resumable: a dataset of ours is continued, but generate() writes config.json and
+    # manifest.json, which would destroy a user's files of those names in any other folder
+    if out.is_dir() and any(out.iterdir()) and not is_dataset(out):
+        raise PrunebenchError(f"{out} is not empty and holds no demo dataset (no config.json from "
+                              f"'prunebench demos'); give a new or empty --output")
+    claim(out, "demos", True, directory=True)
+    manifest = generate(cfg, out)
     for task, row in manifest["tasks"].items():
         print(f"task {task:>2}: {row['demos']} demos, {row['failed']} failed attempts")
     print(f"wrote {args.output}")
@@ -352,7 +353,7 @@ def cmd_train(args) -> int:
 
     cfg = load_train_config(args.config, data=args.data, steps=args.steps, seed=args.seed,
                             batch_size=args.batch_size, threads=args.threads)
-    output = _output_path(args.output, "policy", args.overwrite)
+    output = claim(args.output, "policy", args.overwrite, suffix=".safetensors")
     summary = train(cfg, output, log=main_log)
     print(f"trained {summary['parameters']:,} parameters on {summary['demos']} demos "
           f"({summary['frames']} frames) in {summary['train_minutes']:.1f} min; "
@@ -363,40 +364,64 @@ def cmd_train(args) -> int:
 
 def cmd_check_oft(args) -> int:
     from prunebench.check_oft import check, print_report
+    from prunebench.results import write_text
 
-    output = _output_path(args.output, "check_oft", False) if args.output else None
+    output = claim(args.output, "check_oft", args.overwrite) if args.output else None
     report = check(args.checkpoint, suite=args.suite, device=args.device, n=args.observations,
-                   reference=args.reference, tolerance=args.tolerance, synthetic=args.synthetic)
+                   reference=args.reference, tolerance=args.tolerance, synthetic=args.synthetic,
+                   trust_remote_code=args.trust_remote_code)
     print_report(report)
     if output:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(report, indent=2))
+        write_text(output, json.dumps(report, indent=2))
         print(f"wrote {output}")
     return 0 if report["passed"] else 1
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
+class _Parser(argparse.ArgumentParser):
+    """A bad flag is one line, like every other bad input (exit status 2); the usage is one -h away."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see '{self.prog} -h')\n")
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+    return parse
+
+
+positive_int = _int_at_least(1)  # argparse types: counts ...
+non_negative_int = _int_at_least(0)  # ... and seeds
+
+
+def device_arg(text: str) -> str:
+    """argparse type: a device in one of the forms prunebench knows (config.parse_device)."""
+    from prunebench.config import parse_device
+
     try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
+        return parse_device(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _add_model_arguments(p) -> None:
     p.add_argument("--model", help="MiniOFT safetensors file, or an OpenVLA-OFT checkpoint directory or hub "
                                    "id (default: the built-in model)")
-    p.add_argument("--device", help="cpu (default) or cuda[:N]; OpenVLA-OFT runs in bfloat16 on cuda")
+    p.add_argument("--device", type=device_arg,
+                   help="cpu (default) or cuda[:N]; OpenVLA-OFT runs in bfloat16 on cuda")
     p.add_argument("--threads", type=positive_int, metavar="N",
                    help="torch threads of each process that measures (default: the cores / the "
                         "processes running at once)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="prunebench", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Compare visual-token pruning strategies for VLA models on equal terms.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -419,10 +444,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="run config file (YAML/JSON) instead of, or under, the flags")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a strategy config field (repeatable), e.g. --set keep_ratio=0.25")
-    p.add_argument("--seed", type=int, default=None, help="run seed (default 0)")
+    p.add_argument("--seed", type=non_negative_int, default=None, help="run seed (default 0)")
     _add_model_arguments(p)
-    p.add_argument("-o", "--output", help="results JSON path (default: results/<name>_<time>.json)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    p.add_argument("-o", "--output", help="results JSON path, claimed when the run starts; an existing "
+                                          "file is refused unless --overwrite (default: results/"
+                                          "<suite or stream>_<strategy>_<time>.json, never shared)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     g = p.add_argument_group("LIBERO closed loop")
     g.add_argument("--suite", help="LIBERO suite, e.g. libero_object (see 'prunebench suites')")
     g.add_argument("--tasks", type=int, nargs="+", help="task ids (default: every task)")
@@ -448,17 +475,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--record-history", type=int,
                    help="frames to record before each query, for replaying history-based strategies")
     g = p.add_argument_group("synthetic stream")
-    g.add_argument("--queries", type=int, default=16, help="queries in the synthetic stream")
+    g.add_argument("--queries", type=positive_int, default=16, help="queries in the synthetic stream")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("replay", help="action error vs dense of a strategy on recorded LIBERO streams")
     p.add_argument("streams", nargs="+", help="stream files (.npz) or directories of them")
     p.add_argument("--strategy", required=True, help="registered strategy name")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="strategy config field")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     _add_model_arguments(p)
-    p.add_argument("-o", "--output", help="write the report as JSON")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    p.add_argument("-o", "--output", help="write the report as JSON (an existing file is refused "
+                                          "unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("suites", help="list LIBERO suites (with a name: its tasks)")
@@ -478,7 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--render-every", type=int, help="keep camera frames every k-th step (default 3)")
     p.add_argument("--workers", type=int, help="parallel processes (default 2)")
     p.add_argument("--seed-offset", type=int, help="shift the env seeds (a different dataset)")
-    p.add_argument("-o", "--output", default="data/demos/libero_object", help="dataset directory")
+    p.add_argument("-o", "--output", default="data/demos/libero_object",
+                   help="dataset directory: new, empty, or a dataset to resume (any other non-empty "
+                        "directory is refused)")
     p.set_defaults(func=cmd_demos)
 
     p = sub.add_parser("train", help="train the built-in policy (MiniOFT) on a demo dataset",
@@ -489,9 +519,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="optimiser steps (default 3000)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--threads", type=int, help="torch threads (default 2)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("-o", "--output", required=True, help="weights file (.safetensors)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    p.add_argument("--seed", type=non_negative_int)
+    p.add_argument("-o", "--output", required=True,
+                   help="weights file (.safetensors; an existing file is refused unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -503,9 +534,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategies", nargs="*", help="names (default: every registered strategy)")
     p.add_argument("--keep-ratio", type=float, default=0.5,
                    help="keep ratio given to strategies that have one (others use their defaults)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     _add_model_arguments(p)
-    p.add_argument("-o", "--output", help="JSON file (stream) or results directory (--suite)")
+    p.add_argument("-o", "--output", help="JSON file (stream), or a directory for one <strategy>.json "
+                                          "each (--suite; default results/compare_<suite>_<time>); "
+                                          "an existing file or non-empty directory is refused unless "
+                                          "--overwrite")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     g = p.add_argument_group("LIBERO closed loop")
     g.add_argument("--suite", help="LIBERO suite, e.g. libero_object")
     g.add_argument("--tasks", type=int, nargs="+", help="task ids (default: every task)")
@@ -517,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fast: no MSAA/reflections/shadows (non-stock, recorded)")
     g.add_argument("--fast-reset", action="store_true", help="hard_reset=False (non-stock, recorded)")
     g = p.add_argument_group("synthetic stream")
-    g.add_argument("--queries", type=int, default=24)
+    g.add_argument("--queries", type=positive_int, default=24)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser(
@@ -530,16 +565,20 @@ def build_parser() -> argparse.ArgumentParser:
                                       "moojink/openvla-7b-oft-finetuned-libero-object")
     p.add_argument("--suite", help="LIBERO suite: picks the norm stats and the observations (first "
                                    "frame of each task); without LIBERO, synthetic frames are used")
-    p.add_argument("--device", default="cuda", help="cuda (default) or cpu")
-    p.add_argument("--observations", type=int, default=8, help="how many observations (default 8)")
+    p.add_argument("--device", type=device_arg, default="cuda", help="cuda (default) or cpu")
+    p.add_argument("--observations", type=positive_int, default=8, help="how many observations (default 8)")
     p.add_argument("--synthetic", action="store_true", help="synthetic frames even when LIBERO is installed")
     p.add_argument("--reference", choices=["openvla", "adapter"], default="openvla",
-                   help="openvla: the checkpoint's own remote code (default); adapter: our module's "
-                        "LlamaModel.forward (no OFT code needed)")
+                   help="openvla: the checkpoint's own remote code (default; needs --trust-remote-code); "
+                        "adapter: our module's LlamaModel.forward (no OFT code needed)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow --reference openvla to run the Python code shipped with the checkpoint")
     p.add_argument("--tolerance", type=float, default=0.05,
                    help="largest accepted difference (default 0.05, for bfloat16 on CUDA, where "
                         "kernels differ; float32 on the CPU agrees far closer)")
-    p.add_argument("-o", "--output", help="write the report as JSON")
+    p.add_argument("-o", "--output", help="write the report as JSON (an existing file is refused "
+                                          "unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=cmd_check_oft)
 
     from prunebench.cli_study import add_parsers
@@ -551,10 +590,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with sigterm_interrupts(), releasing():  # releasing: claimed outputs never written are removed
+            return args.func(args)
     except PrunebenchError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: what was finished is already written
+        print("\ninterrupted", file=sys.stderr)
+        return exit_code(err)
 
 
 if __name__ == "__main__":

@@ -35,22 +35,42 @@ def _log(message: str) -> None:
 
 
 def cmd_study_run(args) -> int:
-    from prunebench.study import StudyRunner, load_study_definition, load_studies
+    from prunebench.study import StudyRunner, load_study_definition, require_studies
+    from prunebench.study_guard import storage_errors
 
     _quiet_experimental_warnings()
     defn = load_study_definition(args.definition)
     if args.threads:  # the measuring processes' torch threads, over the definition's evaluation.threads
         defn = defn.model_copy(update={"evaluation": defn.evaluation.model_copy(update={"threads": args.threads})})
-    if args.action == "resume" and not load_studies(defn):
-        raise PrunebenchError(f"no study {defn.name!r} in {defn.storage_url}; start it with 'study run'")
-    runner = StudyRunner(defn, log=_log)
-    if args.fail_running:
-        _log(f"marked {runner.fail_running()} running trial(s) failed (they are retried)")
-    t0 = time.perf_counter()
-    runner.run()
+    with storage_errors(defn):
+        if args.action == "resume":
+            require_studies(defn)
+        runner = StudyRunner(defn, log=_log)
+        if args.fail_running:
+            _log(f"marked {runner.fail_running()} running trial(s) failed (they are retried)")
+        t0 = time.perf_counter()
+        try:
+            runner.run()
+        except KeyboardInterrupt as err:
+            return _interrupted(args, runner, err)
+        except Exception:
+            if runner.interrupts.stop is None:
+                raise
+            return _interrupted(args, runner, runner.interrupts.stop)  # a 2nd signal cut a storage write
     print(f"study {defn.name}: done in {time.perf_counter() - t0:.0f} s on this worker "
           f"({defn.storage_url})")
     return cmd_study_show(args)
+
+
+def _interrupted(args, runner, err: KeyboardInterrupt) -> int:
+    """One line: what happened to the running trial, and how to go on."""
+    from prunebench.interrupts import exit_code
+
+    retried = runner.interrupted_trial
+    what = f"trial {retried[1]} of {retried[0]} is retried with the same parameters by " if retried else \
+        "continue with "
+    print(f"\ninterrupted: {what}'prunebench study resume {args.definition}'", file=sys.stderr)
+    return exit_code(err)
 
 
 def _table(defn):
@@ -65,15 +85,17 @@ def _table(defn):
 def cmd_study_show(args) -> int:
     from prunebench.compare import format_table
     from prunebench.pareto import hypervolume_history
-    from prunebench.study import load_studies, load_study_definition
+    from prunebench.study import load_study_definition, require_studies
+    from prunebench.study_guard import storage_errors
 
     defn = load_study_definition(args.definition)
-    for strategy, study in load_studies(defn).items():
-        states: dict[str, int] = {}
-        for t in study.get_trials(deepcopy=False):
-            states[t.state.name.lower()] = states.get(t.state.name.lower(), 0) + 1
-        print(f"{strategy}: " + ", ".join(f"{n} {s}" for s, n in sorted(states.items())))
-    df = _table(defn)
+    with storage_errors(defn):
+        for strategy, study in require_studies(defn).items():
+            states: dict[str, int] = {}
+            for t in study.get_trials(deepcopy=False):
+                states[t.state.name.lower()] = states.get(t.state.name.lower(), 0) + 1
+            print(f"{strategy}: " + ", ".join(f"{n} {s}" for s, n in sorted(states.items())))
+        df = _table(defn)
     columns = [("strategy", "strategy", ""), ("trial", "trial", "d")] + [
         (o, o, ".4g") for o in defn.objectives] + [
         ("keep_ratio", "keep ratio", ".2f"), ("feasible", "feasible", ""), ("params", "params", "")]
@@ -90,16 +112,17 @@ def cmd_study_show(args) -> int:
 
 
 def cmd_study_export(args) -> int:
+    from prunebench.outputs import claim
     from prunebench.pareto import hypervolume_history, objective_matrix, reference_point
+    from prunebench.results import write_text
     from prunebench.study import load_study_definition
 
     defn = load_study_definition(args.definition)
+    output = claim(args.output, "export", args.overwrite)
     df = _table(defn)
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     fmt = args.format or ("csv" if output.suffix == ".csv" else "json")
     if fmt == "csv":
-        df.to_csv(output, index=False)
+        write_text(output, df.to_csv(index=False))
     else:
         values, signs = objective_matrix(df, defn)
         hv = hypervolume_history(df, defn)
@@ -111,19 +134,20 @@ def cmd_study_export(args) -> int:
                                   zip(df.loc[df["combined_front"], "strategy"], df.loc[df["combined_front"], "trial"])],
                "hypervolume_history": hv.to_dict("records"),
                "trials": json.loads(df.to_json(orient="records", date_format="iso"))}
-        output.write_text(json.dumps(out, indent=2))
+        write_text(output, json.dumps(out, indent=2))
     print(f"wrote {output} ({len(df)} trials)")
     return 0
 
 
 def cmd_plot(args) -> int:
     from prunebench import plots
+    from prunebench.outputs import claim
     from prunebench.pareto import hypervolume_history
     from prunebench.study import load_study_definition
 
     defn = load_study_definition(args.definition)
+    out = claim(args.output or defn.results_path / "plots", "plots", args.overwrite, directory=True)
     df = _table(defn)
-    out = Path(args.output or f"{defn.results_path}/plots")
     written = plots.pareto_front(df, defn.objectives, out / "pareto_front", title=f"{defn.name}: Pareto fronts")
     written += plots.quality_vs_keep_ratio(df, out / "quality_vs_keep_ratio")
     written += plots.speedup_per_suite(df, out / "speedup_per_suite")
@@ -176,6 +200,7 @@ def _token_plots(defn, representatives, out: Path, args) -> list[Path]:
 
 def add_parsers(sub) -> None:
     from prunebench.cli import positive_int
+    from prunebench.outputs import OVERWRITE_HELP
 
     p = sub.add_parser("study", help="Optuna Pareto studies: run | resume | show | export",
                        formatter_class=argparse.RawDescriptionHelpFormatter, description=STUDY_HELP)
@@ -196,14 +221,19 @@ def add_parsers(sub) -> None:
     a.set_defaults(func=cmd_study_show)
     a = actions.add_parser("export", help="the trials table with Pareto masks, as CSV or JSON")
     a.add_argument("definition")
-    a.add_argument("-o", "--output", required=True, help="file (.csv or .json)")
+    a.add_argument("-o", "--output", required=True,
+                   help="file (.csv or .json; an existing file is refused unless --overwrite)")
+    a.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     a.add_argument("--format", choices=["csv", "json"], help="default: from the file suffix")
     a.set_defaults(func=cmd_study_export)
 
     p = sub.add_parser("plot", help="plots of a study (PNG and PDF): fronts, keep ratio, speedup, "
                                     "latency breakdown, hypervolume, kept tokens")
     p.add_argument("definition", help="study definition (YAML/JSON)")
-    p.add_argument("-o", "--output", help="directory (default <results_dir>/plots)")
+    p.add_argument("-o", "--output", help="directory (default <results_dir>/plots); a non-empty one is "
+                                          "refused unless --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty directory, replacing plots of the same names")
     p.add_argument("--stream", help="recorded stream (.npz) for the kept-token plots (default synthetic)")
     p.add_argument("--queries", type=int, default=8, help="synthetic stream length for the token plots")
     p.set_defaults(func=cmd_plot)

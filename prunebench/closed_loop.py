@@ -40,6 +40,7 @@ from prunebench.baseline import DENSE, Dense
 from prunebench.config import RunConfig, load_config
 from prunebench.envs.libero import SimulationError, SimulatorRaised
 from prunebench.errors import PrunebenchError, RunAborted
+from prunebench.interrupts import die_with_parent
 from prunebench.interface import EnvStep, Observation, Strategy
 from prunebench.results import (ClosedLoopQuery, EpisodeResult, EvalResults, StrategyInfo,
                                 write_json)
@@ -310,6 +311,7 @@ _WORKER_MAKE_ENV: Callable[[Job], object] | None = None
 def _init_worker(cfg: EvalConfig, make_env: Callable[[Job], object] | None = None) -> None:
     global _WORKER_CFG, _WORKER_MAKE_ENV
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    die_with_parent()
     _WORKER_CFG = cfg  # cfg.threads: this worker's torch threads, set by EpisodeRunner
     _WORKER_MAKE_ENV = make_env
 
@@ -368,7 +370,8 @@ def evaluate(cfg: EvalConfig, output: str | Path, command: str = "",
              on_episode: Callable[[EpisodeResult], None] | None = None) -> EvalResults:
     """Run every episode of ``cfg``; write ``output`` after each episode (atomically) and at the end.
 
-    Ctrl-C stops the run: finished episodes are kept, the file is marked ``interrupted``, and the
+    Ctrl-C (or SIGTERM, under the CLI's ``sigterm_interrupts``) stops the run: the worker
+    processes are stopped, finished episodes are kept, the file is marked ``interrupted``, and the
     KeyboardInterrupt is re-raised after the write.
     """
     from prunebench.contention import default_threads

@@ -53,6 +53,15 @@ def demo_path(out: Path, task_id: int, seed: int) -> Path:
     return out / f"task{task_id:02d}" / f"seed{seed:07d}.npz"
 
 
+def is_dataset(out: Path) -> bool:
+    """Whether ``out`` holds a dataset of ours (``generate`` writes its config.json first)."""
+    try:
+        config = json.loads((Path(out) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and {"suite", "per_task"} <= config.keys()
+
+
 def existing(out: Path, task_id: int) -> tuple[int, int]:
     """(successful demos, failed attempts) already on disk for a task."""
     folder = out / f"task{task_id:02d}"

@@ -6,10 +6,16 @@ tables), keep attention bidirectional after every removal (llama_compat.run_laye
 supported transformers release), compute only the signals a plan asks for, read the actions out
 through the kept-position map with one convention for every strategy, and account tokens, FLOPs
 and time per stage.
+
+On a GPU the loop waits for the device only where a removal needs values on the host (the signals
+a stage scores with, the strategy's keep-set) and for the actions at the end; index tensors go to
+the device without waiting, and signal values stay there until a stage or ``on_forward_end`` reads
+them. (The stage timer synchronises at stage boundaries to charge GPU time to the right stage.)
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,7 +27,7 @@ from prunebench.errors import EngineError, StrategyError, strategy_code
 from prunebench.interface import (BEFORE_LLM, SIGNAL_KINDS, Observation, PrunePlan, QueryContext,
                                   Signals, SignalRequest, Stage, Strategy)
 from prunebench.layout import ROW_GROUPS, TokenLayout
-from prunebench.llama_compat import rotary, run_layer
+from prunebench.llama_compat import HAS_ATTENTION_REGISTRY, rotary, run_layer
 
 
 @dataclass
@@ -32,13 +38,23 @@ class QueryResult:
     kept: dict[str, torch.Tensor] = field(default_factory=dict)  # stage.where -> visual indices
 
 
-class PruningEngine:
-    """Runs queries of a model (see prunebench.models) under a strategy."""
+def debug_checks() -> bool:
+    """``PRUNEBENCH_DEBUG_CHECKS=1``: every engine runs its full validity checks (the tests do)."""
+    return os.environ.get("PRUNEBENCH_DEBUG_CHECKS", "") == "1"
 
-    def __init__(self, model, record_kept: bool = False) -> None:
+
+class PruningEngine:
+    """Runs queries of a model (see prunebench.models) under a strategy.
+
+    ``checks``: diagnose every keep-set in full at every stage (default: ``debug_checks()``).
+    Without it a keep-set passes one cheap test on the host and is diagnosed in full only when that
+    fails, so every invalid keep-set raises the same error either way."""
+
+    def __init__(self, model, record_kept: bool = False, checks: bool | None = None) -> None:
         self.model = model
         self.llm = model.llm
         self.record_kept = record_kept
+        self.checks = debug_checks() if checks is None else checks
         self.device = next(model.parameters()).device
 
     @property
@@ -61,11 +77,23 @@ class PruningEngine:
                 plan = strategy.schedule(ctx)
             self._check_plan(name, plan)
             stages = {s.after_layer: s for s in plan.stages}
+            attention_at: dict[int, list[SignalRequest]] = {}
+            for r in plan.signals:
+                if r.kind == "attention":
+                    attention_at.setdefault(r.layer, []).append(r)
             signals = Signals()
-            self._input_signals(plan, enc, signals, ctx)
+            # (request, value on the device, its visual indices or None): moved to the host in one
+            # go when a stage or on_forward_end reads signals
+            pending: list = []
+            self._input_signals(plan, enc, signals, pending, ctx)
+
+        def to_host():
+            for request, value, columns in pending:
+                signals[request] = sig.to_host(value, columns, layout.n_visual)
+            pending.clear()
 
         h = enc.embeds
-        full_cos, full_sin = rotary(self.llm, h, layout.positions[None].to(h.device))
+        full_cos, full_sin = rotary(self.llm, h, self._on_device(layout.positions[None]))
         cos, sin = full_cos, full_sin
         recompact = strategy.position_ids == "recompact"
         stage_records: list[StageRecord] = []
@@ -75,42 +103,58 @@ class PruningEngine:
 
         def apply(stage: Stage, h: torch.Tensor):
             nonlocal cos, sin
+            to_host()
             slots, record, keep = self._apply_stage(name, strategy, stage, signals, ctx, layout)
-            h = h[:, slots]
+            on_device = self._on_device(slots)
+            h = h[:, on_device]
             layout.keep_slots(slots)
             if recompact:
                 cos, sin = full_cos[:, :len(slots)], full_sin[:, :len(slots)]
             else:
-                cos, sin = cos[:, slots], sin[:, slots]
+                cos, sin = cos[:, on_device], sin[:, on_device]
             if h.shape[1] != layout.current_length or layout.n_present_visual() != record.visual_after:
                 raise EngineError(f"stage {stage.where} did not shorten the sequence as planned")
             stage_records.append(record)
             kept[stage.where] = keep
             return h
 
+        def observer(requests: list[SignalRequest]):
+            """Computes ``requests`` inside the layer's attention, from the q and k it computes anyway."""
+            rows, present = [r.rows for r in requests], layout.present_visual()
+
+            def observe(module, query, key):
+                with timer.within("llm", "overhead"):
+                    values = sig.attention_from_layer(module, query, key, layout, rows)
+                    pending.extend((r, v, present) for r, v in zip(requests, values))
+            return observe
+
         if BEFORE_LLM in stages:
             with timer("overhead"):
                 h = apply(stages[BEFORE_LLM], h)
         pos_ids = self._position_ids(layout, recompact, h.device)
-        for index, layer in enumerate(self.llm.layers):
-            wanted = [r for r in plan.signals if r.kind == "attention" and r.layer == index]
-            if wanted:
-                with timer("overhead"):
-                    values = sig.attention_to_visual(layer, h, cos, sin, layout, [r.rows for r in wanted])
-                    for request in wanted:
-                        signals[request] = values[request.rows]
-            with timer("llm"):
-                h = run_layer(self.llm, layer, h, pos_ids, cos, sin)
-            tokens.append(h.shape[1])
-            visual.append(h.shape[1] - n_other)
-            if index in stages:
-                with timer("overhead"):
-                    h = apply(stages[index], h)
-                    pos_ids = self._position_ids(layout, recompact, h.device)
+        # one span for the decoder (the timer syncs a GPU at its boundaries, not at every layer);
+        # signals and stages inside it are charged to overhead
         with timer("llm"):
+            for index, layer in enumerate(self.llm.layers):
+                wanted = attention_at.get(index)
+                observe = None
+                if wanted and HAS_ATTENTION_REGISTRY:
+                    observe = observer(wanted)
+                elif wanted:  # transformers < 4.48: recompute q and k from the layer's weights
+                    with timer.within("llm", "overhead"):
+                        rows = [r.rows for r in wanted]
+                        values = sig.attention_recomputed(layer, h, cos, sin, layout, rows)
+                        pending.extend((r, v, layout.present_visual()) for r, v in zip(wanted, values))
+                h = run_layer(self.llm, layer, h, pos_ids, cos, sin, observe)
+                tokens.append(h.shape[1])
+                visual.append(h.shape[1] - n_other)
+                if index in stages:
+                    with timer.within("llm", "overhead"):
+                        h = apply(stages[index], h)
+                        pos_ids = self._position_ids(layout, recompact, h.device)
             h = self.llm.norm(h)
         with timer("head"):
-            normalized = self.model.head(h[:, layout.readout_slots()])
+            normalized = self.model.head(h[:, self._on_device(layout.readout_slots())])
             actions = self.model.unnormalize_actions(normalized)
 
         cfg = self.llm.config
@@ -123,6 +167,7 @@ class PruningEngine:
             stages=stage_records)
         self._check_tokens(plan, record, layout)
         with timer("overhead"), strategy_code(name, "on_forward_end()"):
+            to_host()
             strategy.on_forward_end(signals, record)
         record.ms = timer.total()
         record.cpu_ms = timer.cpu_ms
@@ -157,22 +202,28 @@ class PruningEngine:
         return patch_pixels
 
     # ------------------------------------------------------------------ pieces
-    @staticmethod
-    def _position_ids(layout: TokenLayout, recompact: bool, device: torch.device) -> torch.Tensor:
+    def _on_device(self, index: torch.Tensor) -> torch.Tensor:
+        """A small host index tensor on the model's device, without waiting for the device."""
+        return index.to(self.device, non_blocking=True)
+
+    def _position_ids(self, layout: TokenLayout, recompact: bool, device: torch.device) -> torch.Tensor:
         if recompact:
             return torch.arange(layout.current_length, device=device)[None]
-        return layout.positions[None].to(device)
+        return self._on_device(layout.positions[None])
 
-    def _input_signals(self, plan: PrunePlan, enc, signals: Signals, ctx: QueryContext) -> None:
-        """Signals that need no layer to have run: computed once on the unpruned input."""
+    def _input_signals(self, plan: PrunePlan, enc, signals: Signals, pending: list,
+                       ctx: QueryContext) -> None:
+        """Signals that need no layer to have run: computed once on the unpruned input (device
+        values go to ``pending``, moved to the host when a stage reads them)."""
         for request in plan.signals:
             if request.kind == "embeddings":
-                signals[request] = sig.visual_embeddings(enc.embeds, enc.layout)
+                pending.append((request, sig.visual_embeddings(enc.embeds, enc.layout), None))
             elif request.kind == "pixels":
                 signals[request] = ctx.patch_pixels(ctx.observation.images)
             elif request.kind == "qk_logits":
-                signals[request] = sig.qk_logits_to_visual(self.llm.layers[request.layer], enc.embeds,
-                                                           enc.layout, request.rows)
+                value = sig.qk_logits_to_visual(self.llm.layers[request.layer], enc.embeds, enc.layout,
+                                                request.rows)
+                pending.append((request, value, None))
 
     def _apply_stage(self, name: str, strategy: Strategy, stage: Stage, signals: Signals,
                      ctx: QueryContext, layout: TokenLayout):
@@ -185,20 +236,39 @@ class PruningEngine:
                                       f"({layout.n_visual},), got {got}")
         with strategy_code(name, f"stage {stage.where}: select()"):
             keep = strategy.select(stage, scores, ctx, layout.copy())
-        keep = self._check_keep(name, stage, keep, layout)
-        slots = torch.sort(torch.cat([torch.nonzero(~layout.is_visual_slot(), as_tuple=True)[0],
-                                      layout.visual_to_slots(keep)])).values
+        check = self._check_keep if self.checks else self._valid_keep
+        keep = check(name, stage, keep, layout)
+        in_sequence = ~layout.is_visual_slot()  # non-visual tokens are always kept
+        in_sequence[layout.visual_to_slots(keep)] = True
+        slots = torch.nonzero(in_sequence, as_tuple=True)[0]
         record = StageRecord(where=stage.where, name=stage.name, visual_before=before,
                              visual_after=int(keep.numel()),
                              kept=keep.tolist() if self.record_kept else None)
         return slots, record, keep
 
+    @classmethod
+    def _valid_keep(cls, name: str, stage: Stage, keep, layout: TokenLayout) -> torch.Tensor:
+        """The keep-set sorted, after one cheap test on the host that it holds distinct present
+        visual indices; ``_check_keep`` diagnoses it only when that test fails."""
+        is_index = isinstance(keep, torch.Tensor) and keep.dim() == 1 and not keep.is_floating_point()
+        if is_index and keep.numel():
+            keep = keep.cpu().long()  # waits for the device only if the strategy selected there
+            unique = torch.unique(keep)
+            distinct = unique.numel() == keep.numel()
+            visual = int(unique[0]) >= 0 and int(unique[-1]) < layout.n_visual
+            slots = layout.visual_to_slots(unique).clamp(max=layout.current_length - 1)
+            if distinct and visual and torch.equal(layout.positions[slots], unique + layout.visual_start):
+                return unique  # distinct visual indices, all still in the sequence
+        cls._check_keep(name, stage, keep, layout)
+        raise EngineError(f"stage {stage.where}: invalid keep-set that no check explains")  # unreachable
+
     @staticmethod
     def _check_keep(name: str, stage: Stage, keep, layout: TokenLayout) -> torch.Tensor:
+        """Full diagnosis of a keep-set (every stage with ``checks``); returns it sorted."""
         where = f"stage {stage.where}: keep-set"
         if not isinstance(keep, torch.Tensor) or keep.dim() != 1 or keep.is_floating_point():
             raise StrategyError(name, f"{where} must be a 1-D integer tensor of visual indices")
-        keep = keep.long()
+        keep = keep.cpu().long()  # small: the checks below read its values on the host
         if keep.numel() == 0:
             raise StrategyError(name, f"{where} is empty (keep at least one visual token)")
         bad = keep[(keep < 0) | (keep >= layout.n_visual)]

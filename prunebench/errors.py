@@ -49,6 +49,13 @@ class RunAborted(PrunebenchError):
     exit_code = 1
 
 
+class OutputError(PrunebenchError):
+    """Writing an output failed mid-run (disk full, folder made read-only): the file keeps its last
+    complete version."""
+
+    exit_code = 1
+
+
 @contextmanager
 def strategy_code(strategy: str, where: str):
     """Run a strategy's own code (schedule, score, select, callbacks): anything it raises becomes

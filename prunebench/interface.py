@@ -111,9 +111,9 @@ class SignalRequest:
     """A signal the engine computes on demand, only at ``layer`` and only for the ``rows`` asked.
 
     kinds:
-      attention   softmax attention probabilities rows -> every visual token at ``layer``, recomputed
-                  from that layer's q/k with rotary (head- and row-averaged), on the sequence as that
-                  layer sees it.
+      attention   softmax attention probabilities rows -> every visual token at ``layer``, from
+                  the q/k (with rotary) that layer computes (head- and row-averaged), on the
+                  sequence as that layer sees it.
       qk_logits   layer-``layer`` q·k logits rows -> visual on the *input embeddings*: no rotary, no
                   softmax (ADP's retrieval weight); computed before any removal.
       embeddings  LLM input embeddings of the visual tokens, shape (n_visual, hidden).

@@ -50,7 +50,8 @@ class TokenLayout:
     def __post_init__(self) -> None:
         if self.positions is None:
             self.positions = torch.arange(self.length)
-        self._present = self._per_view = None  # caches, reset on every removal
+        self._view_of = None
+        self._reset_caches()
         starts = [v.start for v in self.views]
         if starts[0] != 1 or any(a.stop != b.start for a, b in zip(self.views, self.views[1:])):
             raise ValueError("views must be contiguous and start right after BOS")
@@ -73,9 +74,17 @@ class TokenLayout:
     def n_actions(self) -> int:
         return self.actions[1] - self.actions[0]
 
+    def _reset_caches(self) -> None:
+        """Facts about the current sequence, computed when first asked and reset on every removal
+        (the engine and strategies ask for the same ones many times per stage)."""
+        self._present = self._per_view = self._visual_mask = self._visual_slots = None
+        self._rows: dict[str, torch.Tensor] = {}
+
     def view_of_visual(self) -> torch.Tensor:
-        """View id of every visual index (shape n_visual)."""
-        return torch.cat([torch.full((v.size,), i) for i, v in enumerate(self.views)])
+        """View id of every visual index (shape n_visual). Do not modify it."""
+        if self._view_of is None:
+            self._view_of = torch.cat([torch.full((v.size,), i) for i, v in enumerate(self.views)])
+        return self._view_of
 
     def visual_range(self, view: int) -> range:
         """Visual indices of one view."""
@@ -96,13 +105,17 @@ class TokenLayout:
         return int(self.positions.numel())
 
     def is_visual_slot(self) -> torch.Tensor:
-        """Bool mask over current slots: True where the slot holds a visual token."""
-        p = self.positions
-        return (p >= self.visual_start) & (p < self.visual_start + self.n_visual)
+        """Bool mask over current slots: True where the slot holds a visual token. Do not modify it."""
+        if self._visual_mask is None:
+            p = self.positions
+            self._visual_mask = (p >= self.visual_start) & (p < self.visual_start + self.n_visual)
+        return self._visual_mask
 
     def visual_slots(self) -> torch.Tensor:
         """Current slots that hold visual tokens, in order."""
-        return torch.nonzero(self.is_visual_slot(), as_tuple=True)[0]
+        if self._visual_slots is None:
+            self._visual_slots = torch.nonzero(self.is_visual_slot(), as_tuple=True)[0]
+        return self._visual_slots
 
     def present_visual(self) -> torch.Tensor:
         """Visual indices still in the sequence (sorted)."""
@@ -127,6 +140,11 @@ class TokenLayout:
         non-visual token; post_visual: the non-visual tokens after the images (proprio, prompt,
         actions, STOP; SpecPrune-VLA's importance rows); last: STOP.
         """
+        if group not in self._rows:
+            self._rows[group] = self._row_slots(group)
+        return self._rows[group]
+
+    def _row_slots(self, group: str) -> torch.Tensor:
         p = self.positions
         if group == "text":
             in_prompt = (p >= self.prompt[0]) & (p < self.prompt[1])
@@ -164,7 +182,7 @@ class TokenLayout:
     def keep_slots(self, slots: torch.Tensor) -> None:
         """Record that only ``slots`` (sorted current slots) survive a removal."""
         self.positions = self.positions[slots]
-        self._present = self._per_view = None
+        self._reset_caches()
 
     def visual_to_slots(self, visual_index: torch.Tensor) -> torch.Tensor:
         """Current slots of the given (present) visual indices."""

@@ -12,6 +12,13 @@ The engine runs Llama decoder layers one by one. Their call signature changed ov
 OpenVLA-OFT attends bidirectionally. We enforce it ourselves on every release: an all-zero additive
 mask before 4.48 (stock SDPA then calls the kernel with ``is_causal=False``; eager adds nothing), and
 ``is_causal=False`` with no mask from 4.48 on (keeps the flash/efficient SDPA kernels available).
+
+Attention signals: from 4.48 on each attention module looks its attention function up by name
+(``config._attn_implementation``) in transformers' registry on every call. ``run_layer(...,
+observe=f)`` runs that one layer through a registered function that calls the model's own backend
+unchanged and hands ``f`` the q and k (after rotary) the layer computed, so a signal costs only the
+softmax of the rows it needs. Before 4.48 there is no registry: the engine recomputes q and k
+(``signals.attention_recomputed``).
 """
 
 from __future__ import annotations
@@ -25,6 +32,37 @@ _RELEASE = Version(transformers.__version__).release
 NEEDS_ZERO_MASK = _RELEASE < (4, 48)
 # Before 5.0, LlamaModel.forward ignores config.is_causal and builds a causal mask unless given one.
 FORWARD_NEEDS_MASK = _RELEASE < (5,)
+# From 4.48 on, attention modules call their attention function through a registry (observe=...).
+HAS_ATTENTION_REGISTRY = _RELEASE >= (4, 48)
+OBSERVING_ATTENTION = "prunebench_observing"
+
+
+def _observing_attention(module, query, key, value, attention_mask, *, prunebench_observe, **kwargs):
+    """The layer's own backend with the very same arguments (same kernel, same numerics), then
+    ``observe(module, query, key)`` on the q and k it was given (rotary applied, KV heads not
+    repeated)."""
+    backend, observe = prunebench_observe
+    out = backend(module, query, key, value, attention_mask, **kwargs)
+    observe(module, query, key)
+    return out
+
+
+if HAS_ATTENTION_REGISTRY:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if hasattr(ALL_ATTENTION_FUNCTIONS, "register"):  # AttentionInterface (4.50+)
+        ALL_ATTENTION_FUNCTIONS.register(OBSERVING_ATTENTION, _observing_attention)
+    else:  # 4.48, 4.49: a plain dict
+        ALL_ATTENTION_FUNCTIONS[OBSERVING_ATTENTION] = _observing_attention
+
+
+def _attention_function(name: str):
+    """The function a Llama attention module calls for backend ``name`` (eager is not registered)."""
+    if name in ALL_ATTENTION_FUNCTIONS:
+        return ALL_ATTENTION_FUNCTIONS[name]
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    return eager_attention_forward
 
 
 def make_bidirectional(llm) -> None:
@@ -49,16 +87,31 @@ def zero_mask(h: torch.Tensor) -> torch.Tensor:
 
 
 def run_layer(llm, layer, h: torch.Tensor, position_ids: torch.Tensor,
-              cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """One decoder layer, bidirectional, at the given positions. Returns the new hidden states."""
+              cos: torch.Tensor, sin: torch.Tensor, observe=None) -> torch.Tensor:
+    """One decoder layer, bidirectional, at the given positions. Returns the new hidden states.
+
+    ``observe(module, query, key)`` (needs ``HAS_ATTENTION_REGISTRY``) is called inside the layer's
+    attention with the q and k it computes; the layer's output is unchanged, bit for bit."""
     if NEEDS_ZERO_MASK:
+        if observe is not None:
+            raise RuntimeError("observing a layer's attention needs transformers >= 4.48")
         kwargs = {"attention_mask": zero_mask(h), "position_ids": position_ids}
         if getattr(llm, "rotary_emb", None) is not None:
             kwargs["position_embeddings"] = (cos, sin)
         out = layer(h, **kwargs)
-    else:
-        out = layer(h, attention_mask=None, position_ids=position_ids, position_embeddings=(cos, sin),
-                    is_causal=False)
+        return out[0] if isinstance(out, tuple) else out
+    kwargs = {"attention_mask": None, "position_ids": position_ids, "position_embeddings": (cos, sin),
+              "is_causal": False}
+    if observe is None:
+        out = layer(h, **kwargs)
+    else:  # for this call only, the module finds our function under its config's backend name
+        config = layer.self_attn.config
+        backend = config._attn_implementation
+        config._attn_implementation = OBSERVING_ATTENTION
+        try:
+            out = layer(h, prunebench_observe=(_attention_function(backend), observe), **kwargs)
+        finally:
+            config._attn_implementation = backend
     return out[0] if isinstance(out, tuple) else out
 
 

@@ -11,10 +11,11 @@ half-written or clobbered file.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from prunebench import metrics
 from prunebench.accounting import STAGES, QueryRecord
 from prunebench import contention
 from prunebench.contention import Contention
+from prunebench.errors import OutputError
 
 SCHEMA_VERSION = 2  # 2: action error on normalised actions, episode errors apart from failures
 
@@ -101,17 +103,43 @@ class RunResults(BaseModel):
 
 def write_json(path: str | Path, model: BaseModel) -> Path:
     """Write atomically; refuses nothing, overwrites only by rename of a complete file."""
+    return write_text(path, model.model_dump_json(indent=2))
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (temporary file + rename): a reader or a crash sees the
+    old file or the new one, never part of one. A failed write (disk full, folder made read-only)
+    leaves the old file intact and is one line naming the file and the OS error."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _temp_beside(path)
         with os.fdopen(fd, "w") as f:
-            f.write(model.model_dump_json(indent=2))
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())  # the rename must not land before the data (power loss)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            with contextlib.suppress(OSError):  # a folder made read-only keeps it: nothing to do
+                tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise OutputError(f"cannot write {path}: {err.strerror or err}; what it held before is "
+                              f"intact") from err
         raise
     return path
+
+
+def _temp_beside(path: Path) -> tuple[int, Path]:
+    """A new temporary file in ``path``'s folder, created 0o666 less the umask like any file the user
+    makes (``tempfile.mkstemp`` creates 0o600, and the rename would keep that mode)."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
 
 
 def read_results(path: str | Path) -> RunResults:

@@ -1,6 +1,7 @@
 """Selectors: turn per-visual-token scores into a keep-set (visual indices, sorted).
 
 Shared by every strategy, so top-k, per-view quotas, unions and diversity are written once.
+Per-view selections handle every view in the same tensor ops (no Python loop over views or tokens).
 """
 
 from __future__ import annotations
@@ -29,13 +30,37 @@ def present_in_view(layout: TokenLayout, view: int) -> torch.Tensor:
     return present[(present >= r.start) & (present < r.stop)]
 
 
+def rank_in_view(scores: torch.Tensor, layout: TokenLayout,
+                 among: torch.Tensor | None = None) -> torch.Tensor:
+    """Rank of every visual index within its view among the ``among`` indices (sorted; default:
+    the present ones) by descending score (0 = best; NaN ranks last; ties broken by lower index,
+    as ``top_k``); ``n_visual`` for indices not in ``among``."""
+    among = layout.present_visual() if among is None else among
+    values = scores[among].float().nan_to_num(nan=float("-inf"))
+    ranked = among[torch.sort(values, descending=True, stable=True).indices]  # best first
+    views = layout.view_of_visual()[ranked]
+    grouped = torch.sort(views, stable=True).indices  # by view, best first within each
+    ranked, views = ranked[grouped], views[grouped]
+    counts = torch.bincount(views, minlength=len(layout.views))
+    first = torch.cumsum(counts, 0) - counts  # where each view's run starts
+    ranks = torch.full((layout.n_visual,), layout.n_visual, dtype=torch.long)
+    ranks[ranked] = torch.arange(ranked.numel()) - first[views]
+    return ranks
+
+
+def top_k_per_view(scores: torch.Tensor, quotas, layout: TokenLayout,
+                   among: torch.Tensor | None = None) -> torch.Tensor:
+    """In every view ``v``, the ``quotas[v]`` highest-scoring of the ``among`` indices (sorted;
+    default: the present ones) in that view, as ``top_k`` per view; sorted by index."""
+    quota = torch.as_tensor(quotas, dtype=torch.long)[layout.view_of_visual()]
+    return torch.nonzero(rank_in_view(scores, layout, among) < quota, as_tuple=True)[0]
+
+
 def top_k_under_budget(scores: torch.Tensor, budget: Budget, layout: TokenLayout,
                        force_keep: torch.Tensor | None = None) -> torch.Tensor:
     """Top-k under a budget (per view or global); ``force_keep`` indices are kept on top of it."""
     if budget.per_view:
-        parts = [top_k(scores, q, present_in_view(layout, v))
-                 for v, q in enumerate(budget.quotas(layout))]
-        keep = torch.cat(parts)
+        keep = top_k_per_view(scores, budget.quotas(layout), layout)
     else:
         keep = top_k(scores, budget.total(layout), layout.present_visual())
     if force_keep is not None:
@@ -54,20 +79,50 @@ def max_min_diverse(candidates: torch.Tensor, features: torch.Tensor, k: int) ->
     the candidate whose minimum distance to the chosen set is largest (VLA-Pruner's filter).
     ``features`` is indexed by visual index.
     """
-    if candidates.numel() <= k:
+    groups = torch.zeros(candidates.numel(), dtype=torch.long)
+    return _farthest_points(candidates, features, groups, torch.tensor([k]))
+
+
+def max_min_diverse_per_view(candidates: torch.Tensor, features: torch.Tensor, quotas,
+                             layout: TokenLayout) -> torch.Tensor:
+    """``max_min_diverse`` in every view at once: ``quotas[v]`` of view v's candidates (all of
+    them when it has no more), each view on its own; sorted by index."""
+    views = layout.view_of_visual()[candidates]
+    return _farthest_points(candidates, features, views, torch.as_tensor(quotas, dtype=torch.long))
+
+
+def _farthest_points(candidates: torch.Tensor, features: torch.Tensor, groups: torch.Tensor,
+                     k: torch.Tensor) -> torch.Tensor:
+    """Greedy max-min selection of ``k[g]`` candidates within each group ``g`` (``groups``: the
+    group of each candidate), all groups in the same tensor ops. Sequential over the picks only:
+    each step is one argmax and one minimum over every candidate."""
+    candidates = candidates.long()
+    n_groups = k.numel()
+    member = groups[None, :] == torch.arange(n_groups)[:, None]  # (groups, candidates)
+    size = member.sum(dim=1)
+    if bool((size <= k).all()):
         return torch.sort(candidates).values
     f = torch.nn.functional.normalize(features[candidates].float(), dim=-1)
     dist = 1.0 - f @ f.T
-    nearest = dist.clone()
+    # start: in each group, the candidate farthest from its nearest neighbour in the group
+    nearest = dist.masked_fill(groups[:, None] != groups[None, :], float("inf"))
     nearest.fill_diagonal_(float("inf"))
-    chosen = [int(nearest.min(dim=0).values.argmax())]
-    closest = dist[chosen[0]].clone()
-    while len(chosen) < k:
-        closest[chosen] = -1.0
-        nxt = int(closest.argmax())
-        chosen.append(nxt)
-        closest = torch.minimum(closest, dist[nxt])
-    return torch.sort(candidates[torch.tensor(chosen)]).values
+    isolation = nearest.min(dim=0).values
+    pick = torch.where(member, isolation, float("-inf")).argmax(dim=1)  # (groups,); first on ties
+    filtering, rows = size > k, torch.arange(n_groups)
+    # closest[g, c]: distance from candidate c to the nearest chosen one in group g; -inf outside g
+    closest = torch.where(member, float("inf"), float("-inf"))
+    picks = [pick]
+    for _ in range(1, int(k[filtering].max())):
+        closest = torch.minimum(closest, dist[pick])
+        closest[rows, pick] = -1.0  # chosen: never again (cosine distances are >= 0)
+        pick = closest.argmax(dim=1)  # first on ties
+        picks.append(pick)
+    # the first k[g] picks of every group that needs filtering; the others keep every candidate
+    wanted = (torch.arange(len(picks))[:, None] < k) & filtering
+    chosen = ~filtering[groups]
+    chosen[torch.stack(picks)[wanted]] = True
+    return torch.sort(candidates[chosen]).values
 
 
 def uniform_grid(rows: int, cols: int, k: int) -> torch.Tensor:

@@ -16,15 +16,18 @@ definition at once; each stops when its strategy has ``trials`` complete trials 
 workers start at the same moment beyond the count is dropped as PRUNED, ``surplus``). A parameter set already evaluated is not evaluated again:
 the trial reuses the earlier measurement (``duplicate_of``).
 
-Each trial's full results file lands in ``<results_dir>/<strategy>/trial_<n>.json``; the trial's
+Each trial's full results file lands in ``<results_dir>/<strategy>/<name>_trial_<n>.json``; the trial's
 user attributes hold its metrics (see :data:`METRICS`), config, worker and results path.
+:mod:`prunebench.study_guard` keeps the stored results true: a study's identity, its folder, its
+storage file, dead workers' trials, interrupts.
 """
 
 from __future__ import annotations
 
+import copy
+import datetime
 import logging
-import os
-import socket
+import re
 import sys
 import time
 import traceback
@@ -39,6 +42,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from prunebench.baseline import DENSE, Dense
 from prunebench.config import load_config, one_line
 from prunebench.errors import PrunebenchError, RunAborted
+from prunebench.study_guard import (Interrupts, check_identity, check_storage_file, check_unknown_trial_files,
+                                    claim_results_dir, no_parent_steps, storage_file, trial_file, worker_gone,
+                                    worker_id)
 
 MODES = ("closed_loop", "replay", "synthetic")
 # objective -> (direction, evaluation modes that measure it, meaning)
@@ -49,6 +55,7 @@ OBJECTIVES: dict[str, tuple[str, tuple[str, ...], str]] = {
     "action_error": ("minimize", MODES, "mean |a - a_dense| per query, normalised actions"),
     "gflops": ("minimize", MODES, "mean LLM GFLOPs per query"),
 }
+INTERRUPTED = "interrupted (Ctrl-C or SIGTERM)"  # a trial's error: retried without a message
 MEASURED_AGAINST_DENSE = ("speedup", "action_error")  # need the dense forward on every query
 METRICS = ("success_rate", "success_ci95", "n_episodes", "n_errors", "latency_ms", "speedup", "action_error",
            "gflops", "visual_tokens", "keep_ratio", "latency_breakdown_ms",
@@ -117,7 +124,7 @@ class ValidateFront(BaseModel):
 
 class StudyDefinition(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str
     description: str = ""
     storage: str | None = None  # default sqlite:///<results_dir>/study.db
     results_dir: str | None = None  # default results/studies/<name>
@@ -134,6 +141,26 @@ class StudyDefinition(BaseModel):
     max_retry: int = Field(2, ge=0)  # retries of a failed or dead trial
     poll_s: float = Field(2.0, gt=0)  # a worker waiting for another's trials checks this often
     validate_front: ValidateFront | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:  # it names folders and files: no '/', no '..'
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
+            raise ValueError(f"{value!r} is not a plain name (letters, digits, _ . -; starting with a "
+                             "letter or digit)")
+        return value
+
+    @field_validator("results_dir")
+    @classmethod
+    def _results_dir_inside(cls, value: str | None) -> str | None:
+        no_parent_steps(value)
+        return value
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_file_inside(cls, value: str | None) -> str | None:
+        no_parent_steps(str(storage_file(value or "") or ""))
+        return value
 
     @field_validator("strategies")
     @classmethod
@@ -180,6 +207,28 @@ class StudyDefinition(BaseModel):
     @property
     def storage_url(self) -> str:
         return self.storage or f"sqlite:///{self.results_path / 'study.db'}"
+
+    def check_episodes(self) -> None:
+        """Closed-loop suite, tasks and init states against the installed LIBERO, before a run starts
+        (not on loading: importing LIBERO is slow, and ``show`` does not need it)."""
+        from prunebench.closed_loop import plan_jobs
+        from prunebench.envs.libero import libero_available
+
+        configs = {}
+        if self.evaluation.mode == "closed_loop":
+            configs["evaluation.closed_loop"] = self.evaluation.eval_config(DENSE, {}, 0)
+        if self.validate_front is not None:
+            configs["validate_front.closed_loop"] = Evaluation(
+                mode="closed_loop", closed_loop=self.validate_front.closed_loop).eval_config(DENSE, {}, 0)
+        if not configs or not libero_available():
+            return  # without LIBERO, the first closed-loop trial says so
+        for where, cfg in configs.items():
+            try:
+                plan_jobs(cfg)
+            except PrunebenchError as err:
+                message = str(err)
+                raise PrunebenchError(message.replace("field '", f"field '{where}.", 1) if message.startswith(
+                    "field '") else f"field '{where}': {message}") from None
 
     def searched(self) -> list[str]:
         """Strategy studies in run order: the dense baseline first."""
@@ -257,14 +306,46 @@ def _check_search(name: str, search: StrategySearch) -> None:
         kind = known[param][0]
         if kind != "categorical" and (len(bounds) != 2 or bounds[0] > bounds[1]):
             raise ValueError(f"{name}.space.{param}: give [low, high]")
+    # every value a trial can be given must make a valid config: now, not in a worker mid-study
+    for param, bounds in search.space.items():
+        for value in bounds if known[param][0] == "categorical" else bounds[:2]:
+            _check_values(name, search, {param: value}, f"{name}.space.")
+    if search.fixed:
+        _check_values(name, search, {}, f"{name}.fixed.")
+    for i, params in enumerate(search.enqueue):
+        where = f"{name}.enqueue[{i}]"
+        for param, value in params.items():
+            if param not in known or param in search.fixed:
+                raise ValueError(f"{where}: {param!r} is not a searched parameter of {name} "
+                                 f"({', '.join(p for p in known if p not in search.fixed) or 'none'})")
+            kind, bounds = known[param][0], search.space.get(param, known[param][1])
+            inside = value in bounds if kind == "categorical" else (
+                isinstance(value, (int, float)) and not isinstance(value, bool) and bounds[0] <= value <= bounds[1])
+            if not inside:
+                raise ValueError(f"{where}.{param}: {value!r} is outside the search space "
+                                 f"({list(bounds) if kind == 'categorical' else f'[{bounds[0]}, {bounds[1]}]'})")
+        _check_values(name, search, params, f"{where}.")
 
 
-def strategy_config(strategy: str, search: StrategySearch, trial: optuna.Trial | None):
-    """The strategy's Config for a trial: its search space, narrowed, plus the held config fields."""
+def _check_values(name: str, search: StrategySearch, params: dict[str, Any], where: str) -> None:
+    """The config a trial with ``params`` (and the held ones) gets must validate."""
+    try:
+        strategy_config(name, search, params=params)
+    except ValidationError as err:
+        raise ValueError(one_line(err, field_prefix=where)) from None
+
+
+def strategy_config(strategy: str, search: StrategySearch, trial: optuna.Trial | None = None,
+                    params: dict[str, Any] | None = None):
+    """The strategy's Config for a trial: its search space, narrowed, plus the held config fields.
+    No trial: the defaults; or, given ``params``, those values (the rest at their low end)."""
     from prunebench.plugins import MANAGER
 
     cls = MANAGER.get(strategy).Config
-    proposed = cls.search_space(SearchTrial(trial, search.space, search.fixed)) if trial else cls()
+    if trial is not None or params is not None:
+        proposed = cls.search_space(SearchTrial(trial, search.space, {**search.fixed, **(params or {})}))
+    else:
+        proposed = cls()
     return cls(**{**proposed.model_dump(), **search.config})
 
 
@@ -287,19 +368,21 @@ def default_params(strategy: str, search: StrategySearch) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- storage
-def open_storage(defn: StudyDefinition):
-    """Optuna storage for ``defn.storage_url`` (sqlite://, postgresql://, journal:<file>)."""
-    from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+def open_storage(defn: StudyDefinition, create: bool = True):
+    """Optuna storage for ``defn.storage_url`` (sqlite://, postgresql://, journal:<file>). Without
+    ``create``, a storage file that does not exist is an error, not a new empty file."""
+    from optuna.storages import JournalStorage, RDBStorage
     from optuna.storages.journal import JournalFileBackend
 
     url = defn.storage_url
-    if url.startswith("journal:"):
-        path = Path(url.removeprefix("journal:"))
+    check_storage_file(defn, create)
+    path = storage_file(url)
+    if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
+    if url.startswith("journal:"):
         return JournalStorage(JournalFileBackend(str(path)))
     engine_kwargs = {}
     if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         engine_kwargs = {"connect_args": {"timeout": 60}}  # several local workers wait, not fail
     for attempt in range(3):
         try:
@@ -307,7 +390,7 @@ def open_storage(defn: StudyDefinition):
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=defn.heartbeat_s,
                                   grace_period=defn.grace_s,
-                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(defn.max_retry))
+                                  heartbeat_stale_trial_callback=_Retry(defn.max_retry))
         except ImportError:
             raise PrunebenchError(f"storage {url}: no database driver; pip install 'prunebench[postgres]'") from None
         except Exception as err:  # noqa: BLE001 - a bad URL or unreachable server: one line, not a trace
@@ -321,7 +404,9 @@ def worker_slot(defn: StudyDefinition, storage) -> int:
     """This worker's number among all that ever joined the study (0 for the first). The storage's
     atomic trial numbering in a ``<name>/workers`` registry study is the counter."""
     registry = optuna.create_study(storage=storage, study_name=f"{defn.name}/workers", load_if_exists=True)
-    trial = registry.ask()
+    with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize": not a trial
+        warnings.simplefilter("ignore", UserWarning)
+        trial = registry.ask()
     registry.tell(trial, 0.0)
     return trial.number
 
@@ -347,6 +432,7 @@ def open_study(defn: StudyDefinition, strategy: str, storage=None, slot: int = 0
     study = optuna.create_study(storage=storage, study_name=study_name(defn, strategy),
                                 directions=defn.directions, load_if_exists=True,
                                 sampler=_sampler(defn, defn.searched().index(strategy), slot))
+    check_identity(defn, strategy, study, write=True)
     if list(study.directions) != [optuna.study.StudyDirection[d.upper()] for d in defn.directions]:
         raise PrunebenchError(f"study {study.study_name} in {defn.storage_url} has other objectives; "
                               "give the definition another name")
@@ -356,11 +442,21 @@ def open_study(defn: StudyDefinition, strategy: str, storage=None, slot: int = 0
 
 
 def load_studies(defn: StudyDefinition) -> dict[str, optuna.Study]:
-    """The strategy studies that exist in the storage (reading only)."""
-    storage = open_storage(defn)
+    """The strategy studies that exist in the storage (reading only; nothing is created)."""
+    storage = open_storage(defn, create=False)
     names = {s.study_name for s in optuna.get_all_study_summaries(storage)}
-    return {s: optuna.load_study(study_name=study_name(defn, s), storage=storage)
-            for s in defn.searched() if study_name(defn, s) in names}
+    studies = {s: optuna.load_study(study_name=study_name(defn, s), storage=storage)
+               for s in defn.searched() if study_name(defn, s) in names}
+    for strategy, study in studies.items():
+        check_identity(defn, strategy, study, write=False)
+    return studies
+
+
+def require_studies(defn: StudyDefinition) -> dict[str, optuna.Study]:
+    studies = load_studies(defn)
+    if not studies:
+        raise PrunebenchError(f"no study {defn.name!r} in {defn.storage_url}; start it with 'prunebench study run'")
+    return studies
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -373,14 +469,19 @@ class TrialFailed(Exception):
 
 
 class _NoTrialFailureTraceback(logging.Filter):
-    """Optuna logs a failed trial with its whole traceback; the study prints one line instead (the
-    traceback is kept in the trial's ``traceback`` user attribute)."""
+    """Optuna logs a failed trial (an interrupted one too) with its whole traceback; the study prints
+    one line instead (the traceback is kept in the trial's ``traceback`` user attribute). Nor does
+    it say, for each strategy study, that it was created or loaded, or that an enqueued set exists."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return " failed with " not in record.getMessage()
+        message = record.getMessage()
+        return " failed with " not in message and not message.startswith(
+            ("A new study created", "Using an existing study", "Trial with params"))
 
 
-optuna.logging.get_logger("optuna.study._optimize").addFilter(_NoTrialFailureTraceback())
+for _name in ("optuna.study._optimize", "optuna.study.study", "optuna.storages._rdb.storage",
+              "optuna.storages.journal._storage"):
+    optuna.logging.get_logger(_name).addFilter(_NoTrialFailureTraceback())
 
 
 class Evaluator:
@@ -463,33 +564,71 @@ class StudyRunner:
 
     def __init__(self, defn: StudyDefinition, log: Callable[[str], None] = print) -> None:
         self.defn, self.log = defn, log
+        defn.check_episodes()
+        claim_results_dir(defn)
         self.storage = open_storage(defn)
         self.evaluator: Evaluator | None = None
         self._dense: dict | None = None  # the dense baseline's metrics, once it is complete
         self._last_trial = -1  # number of the trial this worker ran last
-        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.worker = worker_id()
+        self.interrupts = Interrupts()
+        self.interrupted_trial: tuple[str, int] | None = None  # (strategy, number), failed and retried
+        self._reported: set = set()  # running trials of other hosts' workers, already named in the log
 
     def run(self) -> None:
-        slot = worker_slot(self.defn, self.storage)
-        for strategy in self.defn.searched():
-            study = open_study(self.defn, strategy, self.storage, slot)
-            self._enqueue(study, strategy)
-            self._fill(study, strategy)
-        if self.defn.validate_front is not None:
-            self.validate_fronts()
+        """Ctrl-C or SIGTERM: the trial being evaluated ends FAIL and is retried with its parameters
+        (as after a kill), and the KeyboardInterrupt is raised once the storage is up to date."""
+        with self.interrupts.installed():
+            slot = worker_slot(self.defn, self.storage)
+            for strategy in self.defn.searched():
+                study = open_study(self.defn, strategy, self.storage, slot)
+                check_unknown_trial_files(self.defn, strategy, study)
+                self._enqueue(study, strategy)
+                self._fill(study, strategy)
+            if self.defn.validate_front is not None:
+                self.validate_fronts()
 
     def fail_running(self) -> int:
-        """Mark RUNNING trials FAIL (and retry them): for storages without a heartbeat (journal),
-        when no worker is alive. Returns how many."""
-        retry = _retry_failed(self.defn.max_retry)
+        """Mark RUNNING trials FAIL (and retry them): for a worker on another host that died, with
+        a storage without a heartbeat (journal), when no worker is alive. Returns how many."""
         count = 0
         for strategy in self.defn.searched():
             study = open_study(self.defn, strategy, self.storage)
             for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-                retry(study, study.trials[t.number])
-                count += 1
+                count += _fail_and_retry(study, t, "its worker was declared dead (--fail-running)",
+                                         self.defn.max_retry)
         return count
+
+    def _fail_gone_workers(self, study: optuna.Study) -> list:
+        """RUNNING trials whose worker ran on this host and is gone (kill -9, a crash) end FAIL and
+        are retried now, without waiting for a heartbeat. Returns the running trials of workers that
+        cannot be judged from here (another host)."""
+        unknown = []
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            worker = t.user_attrs.get("worker")
+            gone = worker_gone(worker)
+            if gone or worker == self.worker:  # this worker runs one trial at a time: a leftover
+                _fail_and_retry(study, t, f"its worker {worker} is gone", self.defn.max_retry)
+            elif gone is None:
+                unknown.append(t)
+        return unknown
+
+    def _report_waiting(self, strategy: str, unknown: list) -> None:
+        """Once per set of trials: the journal has no heartbeat, so a dead worker on another host
+        is never noticed; say what to do."""
+        from optuna.storages import JournalStorage
+
+        # a trial without a worker yet is most likely being started right now by a live worker
+        unknown = [t for t in unknown if t.user_attrs.get("worker") or t.datetime_start is None
+                   or (datetime.datetime.now() - t.datetime_start).total_seconds() > 60]
+        key = (strategy, frozenset(t.number for t in unknown))
+        if not unknown or not isinstance(self.storage, JournalStorage) or key in self._reported:
+            return
+        self._reported.add(key)
+        workers = sorted({t.user_attrs.get("worker") or "unknown" for t in unknown})
+        self.log(f"{strategy}: waiting for trial(s) {', '.join(str(t.number) for t in unknown)} of worker(s) "
+                 f"{', '.join(workers)} on another host; the journal storage cannot tell whether they are "
+                 "alive: if not, stop here and run 'prunebench study resume DEF --fail-running'")
 
     def _enqueue(self, study: optuna.Study, strategy: str) -> None:
         """Paper defaults first, then the definition's parameter sets (each once, whoever enqueues)."""
@@ -504,18 +643,22 @@ class StudyRunner:
         target = self.defn.target(strategy)
         failed_in_a_row = 0
         while True:
+            self.interrupts.check()
             optuna.storages.fail_stale_trials(study)  # dead workers' trials -> FAIL (and a retry)
+            unknown = self._fail_gone_workers(study)
             trials = study.get_trials(deepcopy=False)
             done = sum(t.state == TrialState.COMPLETE for t in trials)
             running = sum(t.state == TrialState.RUNNING for t in trials)
             if done >= target:
                 return
             if done + running >= target:  # the rest are in other workers' hands
+                self._report_waiting(strategy, unknown)
                 time.sleep(self.defn.poll_s)
                 continue
             self.log(f"{strategy}: next trial ({done}/{target} complete)")
             study.optimize(self._objective(strategy), n_trials=1, catch=(TrialFailed,),
                            callbacks=[_retry_failed(self.defn.max_retry)])
+            self.interrupts.check()  # an interrupted trial is failed and retried by now
             last = study.get_trials(deepcopy=False)[self._last_trial]  # not a retry enqueued after it
             failed_in_a_row = failed_in_a_row + 1 if last.state == TrialState.FAIL else 0
             if failed_in_a_row > self.defn.max_retry:  # not one config's bad luck: stop, don't spin
@@ -525,19 +668,19 @@ class StudyRunner:
     def _objective(self, strategy: str):
         def objective(trial: optuna.Trial) -> list[float]:
             self._last_trial = trial.number
+            trial.set_user_attr("worker", self.worker)  # first: a dead worker's trial is told by it
             if _surplus(trial, self.defn.target(strategy)):
                 trial.set_user_attr("surplus", True)  # two workers asked at once; the other was first
                 raise optuna.TrialPruned("the trial count is reached by other workers")
             config = strategy_config(strategy, self.defn.search(strategy), trial if strategy != DENSE else None)
             trial.set_user_attr("config", config.model_dump(mode="json"))
-            trial.set_user_attr("worker", self.worker)
             earlier = _same_params(trial)
             if earlier is not None:
                 metrics = {k: earlier.user_attrs[k] for k in METRICS if k in earlier.user_attrs}
                 trial.set_user_attr("duplicate_of", earlier.number)
                 trial.set_user_attr("results", earlier.user_attrs.get("results"))
             else:
-                output = self.defn.results_path / strategy / f"trial_{trial.number}.json"
+                output = trial_file(self.defn, strategy, trial.number)
                 trial.set_user_attr("results", str(output))
                 try:
                     metrics = self._evaluate(strategy, config.model_dump(), output)
@@ -545,6 +688,11 @@ class StudyRunner:
                     trial.set_user_attr("error", err.args[0])
                     trial.set_user_attr("traceback", err.traceback)
                     raise
+                except KeyboardInterrupt as err:  # fail (and retry) the trial as a killed worker's is
+                    self.interrupts.stop = self.interrupts.stop or err
+                    self.interrupted_trial = (strategy, trial.number)
+                    trial.set_user_attr("error", INTERRUPTED)
+                    raise TrialFailed(INTERRUPTED) from None
             unmeasured = [o for o in self.defn.objectives if metrics.get(o) is None]
             if unmeasured:  # e.g. no episode had an outcome: never report a made-up value
                 trial.set_user_attr("error", f"{unmeasured[0]} was not measured")
@@ -559,9 +707,10 @@ class StudyRunner:
         return objective
 
     def _evaluate(self, strategy: str, config: dict, output: Path, closed_loop: dict | None = None) -> dict:
-        self.evaluator = self.evaluator or Evaluator(self.defn)
         try:
-            return self.evaluator(strategy, config, output, closed_loop)
+            with self.interrupts.immediate():  # no storage write in here: a signal stops it at once
+                self.evaluator = self.evaluator or Evaluator(self.defn)
+                return self.evaluator(strategy, config, output, closed_loop)
         except RunAborted as err:  # this config's episodes kept erroring: the trial fails
             raise TrialFailed(str(err), traceback.format_exc()) from err
         except PrunebenchError:
@@ -598,7 +747,7 @@ class StudyRunner:
                 key = validated_key(frozen.number)
                 if key in study.user_attrs:
                     continue
-                output = self.defn.results_path / strategy / f"trial_{frozen.number}_closed_loop.json"
+                output = trial_file(self.defn, strategy, frozen.number, "_closed_loop")
                 self.log(f"{strategy}: validating trial {frozen.number} in closed loop")
                 metrics = self._evaluate(strategy, frozen.user_attrs["config"], output, closed_loop)
                 # a finished trial cannot be updated: the study holds the validation
@@ -631,17 +780,40 @@ def _same_params(trial: optuna.Trial):
     return None
 
 
+class _Retry(optuna.storages.RetryHeartbeatStaleTrialCallback):
+    """Optuna's retry (a WAITING trial with the same parameters, ``failed_trial`` and
+    ``retry_history`` system attributes), without the failed trial's user attributes: the retry's
+    worker, error and results file are its own (a copied ``worker`` would name a dead process)."""
+
+    def __call__(self, study: optuna.Study, trial) -> None:
+        trial = copy.deepcopy(trial)
+        trial.user_attrs = {}
+        super().__call__(study, trial)
+
+
 def _retry_failed(max_retry: int):
     """Retry a trial that raised (stale trials are retried by the storage's own callback)."""
-    from optuna.storages import RetryHeartbeatStaleTrialCallback
-
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+    retry = _Retry(max_retry=max_retry)
 
     def callback(study: optuna.Study, trial) -> None:
         if trial.state == TrialState.FAIL:
             why = trial.user_attrs.get("error", "its worker stopped")
-            print(f"{study.study_name} trial {trial.number} failed: {why}; retrying (at most {max_retry} "
-                  "times)", file=sys.stderr)
+            if why != INTERRUPTED:  # the run's own last line says so
+                print(f"{study.study_name} trial {trial.number} failed: {why}; retrying (at most {max_retry} "
+                      "times)", file=sys.stderr)
             retry(study, trial)
 
     return callback
+
+
+def _fail_and_retry(study: optuna.Study, trial, why: str, max_retry: int) -> int:
+    """Mark a RUNNING trial FAIL and retry it with the same parameters; 0 if another worker did first."""
+    storage = study._storage
+    try:
+        storage.set_trial_user_attr(trial._trial_id, "error", why)
+        if not storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+            return 0
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return 0
+    _retry_failed(max_retry)(study, storage.get_trial(trial._trial_id))
+    return 1

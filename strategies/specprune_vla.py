@@ -40,7 +40,7 @@ from pydantic import Field
 
 import prunebench
 from prunebench import PrunePlan, Stage, Strategy, StrategyConfig, attention, scale_layer
-from prunebench.selection import present_in_view, top_k, union
+from prunebench.selection import rank_in_view, top_k, top_k_per_view, union
 
 STATIC0, STATIC1, DYNAMIC = "static0", "static1", "dynamic"
 
@@ -151,6 +151,7 @@ class SpecPruneVLA(Strategy):
     def schedule(self, ctx):
         c = self.config
         static, dyn, imp, glob = self._layers(ctx.n_layers)
+        self.ema_layers = imp
         T = lookback(float(np.linalg.norm(self.motion[:3])), c.lookback_max, c.lookback_min)
         self.motion = np.zeros(7)
         precise = self.precise and c.controller
@@ -183,23 +184,15 @@ class SpecPruneVLA(Strategy):
         similarity = F.cosine_similarity(ctx.patch_pixels(ctx.observation.images),
                                          ctx.patch_pixels(previous), dim=-1, eps=1e-6)
         share = c.static_max_removed_precise if precise else c.static_max_removed
-        keep = []
-        for view in ctx.layout.views:
-            first = view.start - ctx.layout.visual_start
-            sim = similarity[first:first + view.size]
-            candidates = torch.nonzero(sim >= c.similarity_threshold, as_tuple=True)[0]
-            n_static = min(int(share * view.size), candidates.numel())
-            order = torch.argsort(sim[candidates], descending=True, stable=True)
-            static = torch.zeros(view.size, dtype=torch.bool)
-            static[candidates[order[:n_static]]] = True
-            keep.append(torch.nonzero(~static, as_tuple=True)[0] + first)
-        return torch.cat(keep)
+        # per view, the most similar patches above the threshold are static, at most a share of it
+        most = torch.tensor([int(share * v.size) for v in ctx.layout.views])[ctx.layout.view_of_visual()]
+        static = (similarity >= c.similarity_threshold) & (rank_in_view(similarity, ctx.layout) < most)
+        return torch.nonzero(~static, as_tuple=True)[0]
 
     def _global_keep(self, ctx) -> torch.Tensor:
         if self.global_scores is None or not self.config.use_global:
             return torch.zeros(0, dtype=torch.long)
-        return torch.cat([top_k(self.global_scores, k, present_in_view(ctx.layout, i))
-                          for i, k in enumerate(self.k)])
+        return top_k_per_view(self.global_scores, self.k, ctx.layout)
 
     # ---------------------------------------------------------------- score / select
     def score(self, stage, signals, ctx):
@@ -211,29 +204,32 @@ class SpecPruneVLA(Strategy):
     def select(self, stage, scores, ctx, layout):
         if stage.name == DYNAMIC:
             return self._select_dynamic(scores, layout)
-        views = range(len(layout.views))
         if stage.name == STATIC0:
-            self.top3 = [top_k(scores, self.config.layer0_factor * k, present_in_view(layout, i), ordered=True)
-                         for i, k in zip(views, self.k)]
-            keep = union(self.dynamic_tokens, self.global_keep, *self.top3)
+            # per view: the top factor x k by layer-0 attention; its first k also survive layer 1
+            k = torch.tensor(self.k)[layout.view_of_visual()]
+            rank = rank_in_view(scores, layout)
+            self.top_k_layer0 = torch.nonzero(rank < k, as_tuple=True)[0]
+            keep = union(self.dynamic_tokens, self.global_keep,
+                         torch.nonzero(rank < self.config.layer0_factor * k, as_tuple=True)[0])
         else:
-            top1 = [self._top1(scores, layout, i, k) for i, k in zip(views, self.k)]
-            keep = union(self.dynamic_tokens, self.global_keep, *top1, *(t[:k] for t, k in zip(self.top3, self.k)))
+            keep = union(self.dynamic_tokens, self.global_keep, self._top1(scores, layout),
+                         self.top_k_layer0)
         return keep[torch.isin(keep, layout.present_visual())]
 
-    def _top1(self, scores, layout, view: int, k: int) -> torch.Tensor:
-        present = present_in_view(layout, view)
-        best = top_k(scores, k, present)
+    def _top1(self, scores, layout) -> torch.Tensor:
+        best = top_k_per_view(scores, self.k, layout)
         if not self.config.release_layer1_index_bug:
             return best
         # the release adds the view offset to the index *within the retained subset* of the view
-        local = torch.searchsorted(present, best)
-        return local + (layout.views[view].start - layout.visual_start)
+        present = layout.present_visual()
+        offsets = torch.tensor([v.start - layout.visual_start for v in layout.views])
+        offset = offsets[layout.view_of_visual()[best]]
+        return torch.searchsorted(present, best) - torch.searchsorted(present, offset) + offset
 
     def _update_importance(self, upto: int, signals, ctx) -> None:
         """EMA of rank weights over the importance layers that have run (<= upto), once each."""
         c = self.config
-        for layer in sorted(self._layers(ctx.n_layers)[2]):
+        for layer in self.ema_layers:  # sorted
             if layer > upto or layer in self.applied:
                 continue
             self.applied.add(layer)

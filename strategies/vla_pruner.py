@@ -24,7 +24,7 @@ from pydantic import Field
 
 import prunebench
 from prunebench import EMBEDDINGS, Budget, PrunePlan, Stage, Strategy, StrategyConfig, attention, scale_layer
-from prunebench.selection import max_min_diverse, present_in_view, top_k, union
+from prunebench.selection import max_min_diverse_per_view, top_k_per_view, union
 
 
 class VLAPrunerConfig(StrategyConfig):
@@ -99,21 +99,18 @@ class VLAPruner(Strategy):
         return signals[attention(stage.after_layer, c.rows)]
 
     def select(self, stage, scores, ctx, layout):
+        """Per view (all views at once): union of the top-k sets, then back to k."""
         c = self.config
-        keep = []
-        for view, k in enumerate(stage.budget.quotas(layout)):
-            among = present_in_view(layout, view)
-            sets = []
-            if c.mode != "action":
-                sets.append(top_k(scores, k, among))
-            if c.mode != "semantic":
-                sets.append(top_k(self.action, k, among))
-            candidates = union(*sets)
-            if candidates.numel() > k:  # without the diversity filter: semantic scores decide
-                candidates = (max_min_diverse(candidates, self.embeddings, k) if c.diversity
-                              else top_k(scores, k, candidates))
-            keep.append(candidates)
-        return torch.cat(keep)
+        quotas = stage.budget.quotas(layout)
+        sets = []
+        if c.mode != "action":
+            sets.append(top_k_per_view(scores, quotas, layout))
+        if c.mode != "semantic":
+            sets.append(top_k_per_view(self.action, quotas, layout))
+        candidates = union(*sets)
+        if c.diversity:
+            return max_min_diverse_per_view(candidates, self.embeddings, quotas, layout)
+        return top_k_per_view(scores, quotas, layout, among=candidates)  # semantic scores decide
 
     def on_forward_end(self, signals, record) -> None:
         _, act_layer = self._layers(len(record.tokens_per_layer))

@@ -3,6 +3,8 @@ import os
 # Installed third-party plugins must not change test outcomes: load no entry points unless a
 # test asks for them explicitly.
 os.environ.setdefault("PRUNEBENCH_LOAD_PLUGINS", "")
+# Every engine diagnoses every keep-set in full (prunebench.engine.debug_checks).
+os.environ.setdefault("PRUNEBENCH_DEBUG_CHECKS", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -4,7 +4,9 @@ import torch
 from prunebench import BEFORE_LLM, PrunePlan, Stage, StrategyError, attention
 from prunebench.engine import PruningEngine
 from prunebench.errors import EngineError
-from prunebench.llama_compat import forward_bidirectional, rotary
+from prunebench.layout import ROW_GROUPS
+from prunebench.llama_compat import (HAS_ATTENTION_REGISTRY, attention_scaling, forward_bidirectional, rotary,
+                                     run_layer)
 from prunebench.plugins import MANAGER
 from prunebench.signals import attention_to_visual
 from tests.conftest import TINY, make_observation
@@ -205,3 +207,164 @@ def test_different_observations_give_different_actions(engine):
     a = dense(engine, make_observation(1)).actions
     b = dense(engine, make_observation(2)).actions
     assert abs(a - b).max() > 1e-4
+
+
+# ------------------------------------------------------------------ signals from the layer's own q, k
+class RecordsSignals(FixedPlan):
+    """Requests attention of every row group at every layer, prunes after layer 0 (so later layers
+    see a shortened sequence with gaps in its positions), keeps the signals it saw at the end."""
+
+    def __init__(self, n_layers, signals=None):
+        signals = signals or tuple(attention(layer, rows) for layer in range(n_layers) for rows in ROW_GROUPS)
+        super().__init__([Stage(0)], signals, keep_fn=lambda s, layout: layout.present_visual()[::3])
+
+    def on_forward_end(self, signals, record):
+        self.seen = {key: signals._values[key] for key in signals.keys()}
+
+
+def _shipped_policy():
+    from prunebench.models import load_model
+
+    return load_model()[0]
+
+
+@pytest.mark.parametrize("which", ["tiny", "shipped"])
+def test_attention_signals_from_the_layer_equal_the_recomputed_ones(tiny_model, which, monkeypatch):
+    import prunebench.engine as engine_module
+    import prunebench.signals as signals_module
+
+    model = tiny_model if which == "tiny" else _shipped_policy()
+    obs = make_observation(size=model.cfg.image_size)
+    observed, recomputed = RecordsSignals(len(model.llm.layers)), RecordsSignals(len(model.llm.layers))
+    calls = []
+    from_layer = signals_module.attention_from_layer
+    monkeypatch.setattr(signals_module, "attention_from_layer", lambda *a: calls.append(1) or from_layer(*a))
+    a = PruningEngine(model).query(observed, obs)
+    # one observation per layer (all row groups at once); transformers < 4.48 recomputes instead
+    assert len(calls) == (len(model.llm.layers) if HAS_ATTENTION_REGISTRY else 0)
+    monkeypatch.setattr(engine_module, "HAS_ATTENTION_REGISTRY", False)  # transformers < 4.48
+    b = PruningEngine(model).query(recomputed, obs)
+    assert observed.seen.keys() == recomputed.seen.keys()
+    assert len(observed.seen) == len(model.llm.layers) * len(ROW_GROUPS)
+    for key, value in observed.seen.items():
+        assert torch.equal(value.isnan(), recomputed.seen[key].isnan()), key
+        assert torch.allclose(value, recomputed.seen[key], atol=1e-6, rtol=1e-5, equal_nan=True), key
+    assert (a.actions == b.actions).all()
+
+
+@pytest.mark.skipif(not HAS_ATTENTION_REGISTRY, reason="transformers < 4.48 has no attention registry")
+def test_observing_a_layer_leaves_the_dense_forward_bit_identical(engine, tiny_model, obs):
+    enc = tiny_model.encode(obs)
+    h, positions = enc.embeds, enc.layout.positions[None]
+    cos, sin = rotary(tiny_model.llm, h, positions)
+    seen = []
+    with torch.inference_mode():
+        for layer in tiny_model.llm.layers:
+            plain = run_layer(tiny_model.llm, layer, h, positions, cos, sin)
+            observed = run_layer(tiny_model.llm, layer, h, positions, cos, sin,
+                                 observe=lambda module, q, k: seen.append(q.shape))
+            assert torch.equal(plain, observed)
+            h = plain
+    assert len(seen) == len(tiny_model.llm.layers)
+    assert tiny_model.llm.config._attn_implementation == "sdpa"  # the backend is restored
+    every_layer = tuple(attention(layer, "prefill") for layer in range(TINY.n_layers))
+    with_signals = engine.query(FixedPlan([], every_layer), obs)
+    assert (with_signals.actions == dense(engine, obs).actions).all()
+
+
+def test_signal_time_inside_a_layer_is_overhead():
+    import time
+
+    from prunebench.accounting import StageTimer
+
+    timer = StageTimer()
+    with timer("llm"):
+        with timer.within("llm", "overhead"):
+            time.sleep(0.02)
+    assert timer.ms["overhead"] >= 20 and timer.ms["llm"] < 10
+
+
+def test_qk_logits_equal_the_row_by_key_mean(tiny_model, obs):
+    """ADP's signal, computed as a mean query row times the visual keys, equals the mean of the
+    full rows x keys logits."""
+    from prunebench.signals import qk_logits_to_visual
+
+    enc = tiny_model.encode(obs)
+    layout, layer = enc.layout, tiny_model.llm.layers[0]
+    attn = layer.self_attn
+    with torch.inference_mode():
+        x = layer.input_layernorm(enc.embeds)
+        heads = lambda t: t.view(1, -1, TINY.n_heads, attn.head_dim).transpose(1, 2)
+        q, k = heads(attn.q_proj(x[:, layout.row_slots("language")])), heads(attn.k_proj(x))
+        logits = (q @ k.transpose(-1, -2)) * attention_scaling(attn)
+        expected = logits.mean(dim=(0, 1, 2))[layout.visual_slots()]
+        got = qk_logits_to_visual(layer, enc.embeds, layout, "language")
+    assert got.shape == (layout.n_visual,) and torch.allclose(got, expected, atol=1e-6)
+
+
+# ------------------------------------------------------------------ checks on and off
+def test_debug_checks_follow_the_environment(tiny_model, monkeypatch):
+    assert PruningEngine(tiny_model).checks  # tests/conftest.py turns them on
+    monkeypatch.delenv("PRUNEBENCH_DEBUG_CHECKS")
+    assert not PruningEngine(tiny_model).checks and PruningEngine(tiny_model, checks=True).checks
+
+
+@pytest.mark.parametrize("keep, message", [
+    (torch.tensor([], dtype=torch.long), "is empty"),
+    (torch.tensor([1, 1, 2]), "duplicate"),
+    (torch.tensor([0, 999]), "outside the visual tokens"),
+    (torch.tensor([-1, 2]), "outside the visual tokens"),
+    (torch.tensor([0.5, 1.0]), "integer tensor"),
+    ([0, 1], "integer tensor"),
+])
+def test_without_debug_checks_invalid_keep_sets_raise_the_same_errors(tiny_model, obs, keep, message):
+    engine = PruningEngine(tiny_model, checks=False)
+    with pytest.raises(StrategyError, match=f"strategy 'fixed-plan'.*{message}"):
+        engine.query(FixedPlan([Stage(0)], keep_fn=lambda s, l: keep), obs)
+    removed = lambda stage, layout: torch.tensor([0, 1]) if stage.after_layer == 0 else torch.tensor([0, 5])
+    with pytest.raises(StrategyError, match="already removed"):
+        engine.query(FixedPlan([Stage(0), Stage(1)], keep_fn=removed), obs)
+
+
+def test_valid_keep_sets_give_the_same_result_with_and_without_checks(tiny_model, obs):
+    keep = lambda stage, layout: layout.present_visual()[torch.tensor([7, 0, 3, 12, 5])]  # unsorted
+    on = PruningEngine(tiny_model, checks=True).query(FixedPlan([Stage(1)], keep_fn=keep), obs)
+    off = PruningEngine(tiny_model, checks=False).query(FixedPlan([Stage(1)], keep_fn=keep), obs)
+    assert on.kept["after_layer_1"].tolist() == off.kept["after_layer_1"].tolist() == [0, 3, 5, 7, 12]
+    assert (on.actions == off.actions).all()
+
+
+def test_signals_with_grouped_kv_heads():
+    """Grouped-query attention (fewer KV heads than query heads): observed = recomputed, and the
+    q·k logits fold each query head onto its KV head."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    from prunebench.layout import TokenLayout
+    from prunebench.signals import attention_from_layer, attention_recomputed, qk_logits_to_visual
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                         attn_implementation="sdpa")
+    layer = LlamaDecoderLayer(config, 0).eval()
+    layer.self_attn.is_causal = False
+    layout = TokenLayout.build([("a", 2, 3), ("b", 2, 3)], 1, 6, 2, 1, 4)
+    h = torch.randn(1, layout.length, 32)
+    positions = layout.positions[None]
+    table = LlamaRotaryEmbedding(config=config)
+    llm = type("LLM", (), {"rotary_emb": table, "layers": [layer]})()
+    cos, sin = rotary(llm, h, positions)
+    with torch.inference_mode():
+        expected = attention_recomputed(layer, h, cos, sin, layout, ["text", "action"])
+        if HAS_ATTENTION_REGISTRY:
+            seen = []
+            observe = lambda m, q, k: seen.append(attention_from_layer(m, q, k, layout, ["text", "action"]))
+            run_layer(llm, layer, h, positions, cos, sin, observe=observe)
+            assert torch.allclose(seen[0], expected, atol=1e-6)
+        attn = layer.self_attn
+        x = layer.input_layernorm(h)
+        q = attn.q_proj(x[:, layout.row_slots("language")]).view(1, -1, 4, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(1, -1, 2, attn.head_dim).transpose(1, 2).repeat_interleave(2, dim=1)
+        logits = ((q @ k.transpose(-1, -2)) * attention_scaling(attn)).mean(dim=(0, 1, 2))
+        logits = logits[layout.visual_slots()]
+        assert torch.allclose(qk_logits_to_visual(layer, h, layout, "language"), logits, atol=1e-6)

@@ -206,7 +206,7 @@ def test_check_command_says_the_openvla_reference_runs_the_checkpoints_code(chec
 
     monkeypatch.setitem(sys.modules, "prismatic.models.action_heads", None)  # OFT's code: not installed
     code = main(["check-oft", str(checkpoint), "--suite", "libero_object", "--synthetic", "--device", "cpu",
-                 "--reference", "openvla", "--observations", "1"])
+                 "--reference", "openvla", "--trust-remote-code", "--observations", "1"])
     err = capsys.readouterr().err
     assert code == 2 and "trust_remote_code=True" in err and "needs OpenVLA-OFT's code" in err
 

@@ -159,8 +159,12 @@ def test_specprune_layer1_index_bug_flag(engine):
     scores[[0, 2, 5, 7]] = torch.tensor([0.1, 0.2, 0.9, 0.3])
     fixed = MANAGER.create("specprune-vla")
     buggy = MANAGER.create("specprune-vla", {"release_layer1_index_bug": True})
-    assert fixed._top1(scores, layout, 0, 1).tolist() == [5]
-    assert buggy._top1(scores, layout, 0, 1).tolist() == [2]  # local index 2 read as patch 2
+    fixed.k = buggy.k = [1, 0]  # the top 1 of view 0
+    assert fixed._top1(scores, layout).tolist() == [5]
+    assert buggy._top1(scores, layout).tolist() == [2]  # local index 2 read as patch 2
+    fixed.k = buggy.k = [1, 1]  # view 1 holds 16 and 20 (unscored): 16 is its local index 0
+    assert fixed._top1(scores, layout).tolist() == [5, 16]
+    assert buggy._top1(scores, layout).tolist() == [2, 16]
 
 
 def test_specprune_dynamic_stage_keeps_a_share_of_the_sequence_with_a_floor(engine):

@@ -2,7 +2,8 @@ import torch
 
 from prunebench.interface import Budget
 from prunebench.layout import TokenLayout
-from prunebench.selection import max_min_diverse, top_k, top_k_under_budget, uniform_grid
+from prunebench.selection import (max_min_diverse, max_min_diverse_per_view, rank_in_view, top_k,
+                                  top_k_per_view, top_k_under_budget, uniform_grid)
 
 
 def two_views(rows=2, cols=4):
@@ -34,3 +35,60 @@ def test_uniform_grid_spreads_evenly():
     assert uniform_grid(4, 4, 4).tolist() == [0, 3, 12, 15]
     assert len(uniform_grid(12, 12, 72)) == 72
     assert uniform_grid(3, 3, 9).tolist() == list(range(9))
+
+
+def _per_view_reference(scores, quotas, layout, among):
+    """The per-view loop the vectorised selectors replace."""
+    parts = []
+    for v, q in enumerate(quotas):
+        r = layout.visual_range(v)
+        parts.append(top_k(scores, q, among[(among >= r.start) & (among < r.stop)]))
+    return torch.cat(parts)
+
+
+def test_top_k_per_view_equals_a_top_k_in_each_view():
+    lay = TokenLayout.build([("a", 4, 4), ("b", 3, 5), ("c", 2, 2)], 1, 4, 1, 1, 2)
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(50):
+        scores = torch.randint(0, 5, (lay.n_visual,), generator=gen).float()  # many ties
+        scores[torch.rand(lay.n_visual, generator=gen) < 0.2] = float("nan")
+        among = torch.nonzero(torch.rand(lay.n_visual, generator=gen) < 0.7, as_tuple=True)[0]
+        quotas = torch.randint(0, 8, (3,), generator=gen).tolist()
+        expected = _per_view_reference(scores, quotas, lay, among)
+        assert top_k_per_view(scores, quotas, lay, among=among).tolist() == expected.tolist()
+        ranks = rank_in_view(scores, lay, among)
+        assert (ranks[~torch.isin(torch.arange(lay.n_visual), among)] == lay.n_visual).all()
+
+
+def _max_min_reference(candidates, features, k):
+    """VLA-Pruner's greedy filter, one view, one candidate per step (the previous implementation)."""
+    if candidates.numel() <= k:
+        return torch.sort(candidates).values
+    f = torch.nn.functional.normalize(features[candidates].float(), dim=-1)
+    dist = 1.0 - f @ f.T
+    nearest = dist.clone()
+    nearest.fill_diagonal_(float("inf"))
+    chosen = [int(nearest.min(dim=0).values.argmax())]
+    closest = dist[chosen[0]].clone()
+    while len(chosen) < k:
+        closest[chosen] = -1.0
+        nxt = int(closest.argmax())
+        chosen.append(nxt)
+        closest = torch.minimum(closest, dist[nxt])
+    return torch.sort(candidates[torch.tensor(chosen)]).values
+
+
+def test_max_min_diverse_per_view_equals_the_greedy_filter_in_each_view():
+    lay = two_views(4, 8)
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(30):
+        features = torch.randn(lay.n_visual, 6, generator=gen)
+        candidates = torch.nonzero(torch.rand(lay.n_visual, generator=gen) < 0.6, as_tuple=True)[0]
+        quotas = torch.randint(1, 14, (2,), generator=gen).tolist()
+        expected = torch.cat([_max_min_reference(candidates[(candidates >= r.start) & (candidates < r.stop)],
+                                                 features, q)
+                              for q, r in zip(quotas, (lay.visual_range(0), lay.visual_range(1)))])
+        assert max_min_diverse_per_view(candidates, features, quotas, lay).tolist() == expected.tolist()
+        k = quotas[0]
+        expected = _max_min_reference(candidates, features, k)
+        assert max_min_diverse(candidates, features, k).tolist() == expected.tolist()

