@@ -12,29 +12,33 @@ round (so machine noise hits all alike):
 * overhead %      = median pruning overhead (schedule + signals + score + select + gather)
                     / median query time
 
-Usage: python benchmarks/engine.py [--rounds 30] [--out benchmarks/results/engine.json]
+Usage: python benchmarks/engine.py [--rounds 30] [--shape shipped|llm-heavy] [--out FILE.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 
 import numpy as np
 
+from prunebench import metrics
 from prunebench.baseline import DENSE, Dense
 from prunebench.compare import format_table
 from prunebench.config import parse_overrides
 from prunebench.engine import PruningEngine
 from prunebench.models import load_model
+from prunebench.models.mini_oft import MiniOFT, MiniOFTConfig
 from prunebench.plugins import MANAGER
 from prunebench.results import write_json
-from prunebench.runner import StreamRunner
+from prunebench.runner import run_interleaved
 from prunebench.streams import SyntheticStream
 from prunebench.versions import environment
 
 KEEP_RATIOS = (1.0, 0.75, 0.5, 0.25)
+# the shape of the first built-in model: 12x12 patches per view, the LLM most of a query
+LLM_HEAVY = MiniOFTConfig(image_size=96, patch_size=8, hidden_size=256, n_layers=8, n_heads=4,
+                          intermediate_size=688)
 POINTS = (-1, 2)  # before the LLM, after layer 2
 
 
@@ -78,13 +82,20 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--strategies", nargs="*", help="default: every built-in strategy")
     parser.add_argument("--model", help="MiniOFT safetensors (default: built-in)")
+    parser.add_argument("--shape", choices=["shipped", "llm-heavy"], default="shipped",
+                        help="llm-heavy: a random 8-layer, d=256 model with 144 patches per view, "
+                             "where the LLM dominates the query as on OpenVLA-OFT")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="extra config field for every strategy that has it, e.g. rows=prefill")
     parser.add_argument("--out", default="benchmarks/results/engine.json")
     args = parser.parse_args(argv)
 
     extra = parse_overrides(args.set)
-    model, model_info = load_model(args.model)
+    if args.shape == "llm-heavy":
+        model = MiniOFT.random(LLM_HEAVY, seed=0)
+        model_info = {"source": "random", "config": LLM_HEAVY.model_dump(), "trained": False}
+    else:
+        model, model_info = load_model(args.model)
     engine = PruningEngine(model)
     names = args.strategies or MANAGER.builtin_strategies()
     variants = {(DENSE, 1.0, "dense"): Dense()}
@@ -101,21 +112,14 @@ def main(argv=None) -> int:
                 if config is not None:
                     where = "before_llm" if point < 0 else f"after_layer_{point}"
                     variants[(name, keep, where)] = MANAGER.create(name, config)
-    items = list(SyntheticStream(n_queries=args.warmup + args.rounds, image_size=model.cfg.image_size))
-    runners = {key: StreamRunner(engine, s) for key, s in variants.items()}
-    for r in runners.values():
-        r.start(items[0].observation.instruction)
-    shuffle = random.Random(0)
-    keys = list(runners)
-    for item in items:
-        shuffle.shuffle(keys)
-        for key in keys:
-            runners[key].step(item)
+    stream = SyntheticStream(n_queries=args.warmup + args.rounds, image_size=model.cfg.image_size)
+    results = run_interleaved(engine, variants, stream)  # shuffled order per round
 
     def stats(key):
-        rs = runners[key].results[args.warmup:]
-        med = lambda k: float(np.median([r.record.ms[k] for r in rs]))
-        return {"llm": med("llm"), "total": med("total"), "overhead": med("overhead"),
+        rs = results[key][args.warmup:]
+        ms = [r.record.ms for r in rs]
+        return {"llm": metrics.latency_ms(ms, "llm"), "total": metrics.latency_ms(ms),
+                "overhead": metrics.latency_ms(ms, "overhead"),
                 "flops": float(np.mean([r.record.llm_flops for r in rs])),
                 "visual": float(np.mean([np.mean(r.record.visual_per_layer) for r in rs]))}
 

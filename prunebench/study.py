@@ -587,6 +587,7 @@ class StudyRunner:
                 self._fill(study, strategy)
             if self.defn.validate_front is not None:
                 self.validate_fronts()
+            self.interrupts.check()  # a signal held during the last storage write
 
     def fail_running(self) -> int:
         """Mark RUNNING trials FAIL (and retry them): for a worker on another host that died, with

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prunebench.errors import PrunebenchError
+from prunebench.interrupts import Interrupted
 
 if TYPE_CHECKING:
     from prunebench.study import StudyDefinition
@@ -284,8 +285,4 @@ class Interrupts:
 
 
 def _interrupt(signum: int) -> KeyboardInterrupt:
-    if signum == signal.SIGTERM:
-        from prunebench.interrupts import Interrupted
-
-        return Interrupted()
-    return KeyboardInterrupt()
+    return Interrupted() if signum == signal.SIGTERM else KeyboardInterrupt()  # exit 143 / 130
