@@ -1,6 +1,7 @@
 """A study's stored results survive crashes, signals, shared folders, changed definitions and damaged
 storage files; every bad input is one line (exit 2), an interrupt one line (exit 130/143)."""
 
+import os
 import random
 import shutil
 import signal
@@ -185,9 +186,11 @@ def _running_trial(defn, deadline: float):
 
 
 @pytest.mark.parametrize("signum, storage", [(signal.SIGINT, "sqlite"), (signal.SIGTERM, "journal"),
-                                             (signal.SIGKILL, "journal")])
-def test_a_stopped_trial_is_retried_with_its_parameters_on_resume(tmp_path, signum, storage):
+                                             (signal.SIGKILL, "journal"), (signal.SIGKILL, "postgresql")])
+def test_a_stopped_trial_is_retried_with_its_parameters_on_resume(tmp_path, request, signum, storage):
     fields = {"storage": f"journal:{tmp_path}/results/study.log"} if storage == "journal" else {}
+    if storage == "postgresql":  # a fresh database per test: the server is shared by the session
+        fields = {"storage": request.getfixturevalue("postgres_url"), "name": f"t{os.getpid()}{time.time_ns()}"}
     path = write_definition(tmp_path, strategies={"random": {"trials": 3}},
                             evaluation={"mode": "synthetic", "queries": 40}, grace_s=600, **fields)
     defn = load_study_definition(path)
