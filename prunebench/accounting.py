@@ -68,19 +68,9 @@ class StageTimer:
         self._start = time.perf_counter()
 
     @contextmanager
-    def __call__(self, stage: str):
-        self.sync()
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.sync()
-            self.ms[stage] = self.ms.get(stage, 0.0) + (time.perf_counter() - t0) * 1e3
-
-    @contextmanager
-    def within(self, outer: str, stage: str):
-        """A span inside an ``outer`` stage's span, charged to ``stage`` instead (e.g. signals
-        computed inside a layer call are overhead, not LLM time)."""
+    def __call__(self, stage: str, moved_from: str | None = None):
+        """Charge the span to ``stage``; ``moved_from``: the span lies inside that stage's own span,
+        which gives it up (e.g. signals computed inside a layer call are overhead, not LLM time)."""
         self.sync()
         t0 = time.perf_counter()
         try:
@@ -88,8 +78,9 @@ class StageTimer:
         finally:
             self.sync()
             ms = (time.perf_counter() - t0) * 1e3
-            self.ms[outer] = self.ms.get(outer, 0.0) - ms
             self.ms[stage] = self.ms.get(stage, 0.0) + ms
+            if moved_from is not None:
+                self.ms[moved_from] = self.ms.get(moved_from, 0.0) - ms
 
     def total(self) -> dict[str, float]:
         out = dict(self.ms)

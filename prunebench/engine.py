@@ -123,7 +123,7 @@ class PruningEngine:
             rows, present = [r.rows for r in requests], layout.present_visual()
 
             def observe(module, query, key):
-                with timer.within("llm", "overhead"):
+                with timer("overhead", moved_from="llm"):
                     values = sig.attention_from_layer(module, query, key, layout, rows)
                     pending.extend((r, v, present) for r, v in zip(requests, values))
             return observe
@@ -141,7 +141,7 @@ class PruningEngine:
                 if wanted and HAS_ATTENTION_REGISTRY:
                     observe = observer(wanted)
                 elif wanted:  # transformers < 4.48: recompute q and k from the layer's weights
-                    with timer.within("llm", "overhead"):
+                    with timer("overhead", moved_from="llm"):
                         rows = [r.rows for r in wanted]
                         values = sig.attention_recomputed(layer, h, cos, sin, layout, rows)
                         pending.extend((r, v, layout.present_visual()) for r, v in zip(wanted, values))
@@ -149,7 +149,7 @@ class PruningEngine:
                 tokens.append(h.shape[1])
                 visual.append(h.shape[1] - n_other)
                 if index in stages:
-                    with timer.within("llm", "overhead"):
+                    with timer("overhead", moved_from="llm"):
                         h = apply(stages[index], h)
                         pos_ids = self._position_ids(layout, recompact, h.device)
             h = self.llm.norm(h)

@@ -40,6 +40,14 @@ def obs():
     return make_observation()
 
 
+@pytest.fixture
+def tiny_path(tmp_path, tiny_model):
+    """The tiny model saved as a MiniOFT file, for commands and runs that take ``--model``."""
+    path = tmp_path / "tiny.safetensors"
+    tiny_model.save(path)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def postgres_url():
     """A throwaway PostgreSQL server (Debian's postgresql package, installed by .ci/run)."""

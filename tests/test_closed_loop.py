@@ -67,13 +67,6 @@ class RequeryProbe(Probe):
         return step.step_index == self.requery_at
 
 
-@pytest.fixture
-def tiny_path(tmp_path, tiny_model):
-    path = tmp_path / "tiny.safetensors"
-    tiny_model.save(path)
-    return str(path)
-
-
 def run(tiny_path, strategy="probe", jobs=1, max_steps=24, config=None, **env_kw):
     cfg = EvalConfig(strategy=strategy, config=config or {}, model=tiny_path, max_steps=max_steps)
     envs = []

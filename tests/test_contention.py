@@ -23,13 +23,6 @@ def keep_torch_threads():
     torch.set_num_threads(before)
 
 
-@pytest.fixture
-def tiny_path(tmp_path, tiny_model):
-    path = tmp_path / "tiny.safetensors"
-    tiny_model.save(path)
-    return str(path)
-
-
 def fake_env(job):
     """A picklable env factory for worker processes (spawned: they import this module)."""
     from tests.test_closed_loop import FakeEnv

@@ -76,13 +76,6 @@ def test_reading_an_unrequested_signal_is_a_strategy_error_in_every_callback(eng
         engine.query(Reader(), obs)
 
 
-@pytest.fixture
-def tiny_path(tmp_path, tiny_model):
-    path = tmp_path / "tiny.safetensors"
-    tiny_model.save(path)
-    return str(path)
-
-
 def test_an_episode_that_raises_is_an_error_not_a_failure(tiny_path):
     Raises.where = "on_env_step"
     try:

@@ -175,23 +175,32 @@ def _study_cli(*args) -> list[str]:
     return [sys.executable, "-m", "prunebench.cli", "study", *args]
 
 
-def test_sigkill_mid_trial_then_resume_loses_no_completed_trial(tmp_path):
-    path = write_definition(tmp_path, strategies={"random": {"trials": 6}},
-                            evaluation={"mode": "synthetic", "queries": 12}, grace_s=3)
-    defn = load_study_definition(path)
-    worker = subprocess.Popen(_study_cli("run", path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def running_trial(defn, deadline: float, min_complete: int = 1):
+    """Wait for a random trial that is being evaluated (its config is set just before), after
+    ``min_complete`` complete ones."""
     storage = None
-    deadline = time.time() + 240
-    while time.time() < deadline:  # wait until >= 2 random trials are complete and one is running
-        time.sleep(0.3)
+    while time.time() < deadline:
+        time.sleep(0.2)
         try:
             storage = storage or open_storage(defn)
             study = optuna.load_study(study_name=study_name(defn, "random"), storage=storage)
         except Exception:  # noqa: BLE001 - the study does not exist yet
             continue
-        states = [t.state for t in study.get_trials(deepcopy=False)]
-        if states.count(TrialState.COMPLETE) >= 2 and TrialState.RUNNING in states:
-            break
+        trials = study.get_trials(deepcopy=False)
+        if sum(t.state == TrialState.COMPLETE for t in trials) >= min_complete:
+            running = [t for t in trials if t.state == TrialState.RUNNING and "config" in t.user_attrs]
+            if running:
+                return running[0]
+    raise AssertionError("no trial started")
+
+
+def test_sigkill_mid_trial_then_resume_loses_no_completed_trial(tmp_path):
+    # trials long enough (40 queries) for the poll below to catch one running
+    path = write_definition(tmp_path, strategies={"random": {"trials": 6}},
+                            evaluation={"mode": "synthetic", "queries": 40}, grace_s=3)
+    defn = load_study_definition(path)
+    worker = subprocess.Popen(_study_cli("run", path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    running_trial(defn, time.time() + 240, min_complete=2)
     assert worker.poll() is None, worker.stderr.read().decode()[-2000:]
     worker.send_signal(signal.SIGKILL)
     worker.wait()
@@ -283,4 +292,5 @@ def test_a_failing_trial_is_one_line_and_keeps_its_traceback(tmp_path, monkeypat
     assert failures[-1] == ("error: study t: 2 trials of random in a row failed, the last with: "
                             "ValueError: kaboom")
     trial = optuna.load_study(study_name="t/random", storage=f"sqlite:///{tmp_path}/results/study.db").trials[0]
-    assert trial.state == TrialState.FAIL and "raise ValueError(\"kaboom\")" in trial.user_attrs["traceback"]
+    trace = trial.user_attrs["traceback"]
+    assert trial.state == TrialState.FAIL and "in evaluate" in trace and trace.endswith("ValueError: kaboom\n")

@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 
 from prunebench.cli import main
 from prunebench.study import StudyRunner, load_study_definition, open_storage, open_study, study_name
-from tests.test_study import _study_cli, complete_trials, write_definition
+from tests.test_study import _study_cli, complete_trials, running_trial, write_definition
 
 
 def one_line(capsys) -> str:
@@ -167,24 +167,6 @@ def test_a_damaged_storage_file_is_one_line_naming_it(stored, tmp_path, capsys, 
 
 
 # --------------------------------------------------------------------------- workers and signals
-def _running_trial(defn, deadline: float):
-    """Wait for a random trial that is being evaluated (its config is set just before)."""
-    storage = None
-    while time.time() < deadline:
-        time.sleep(0.2)
-        try:
-            storage = storage or open_storage(defn)
-            study = optuna.load_study(study_name=study_name(defn, "random"), storage=storage)
-        except Exception:  # noqa: BLE001 - the study does not exist yet
-            continue
-        trials = study.get_trials(deepcopy=False)
-        if sum(t.state == TrialState.COMPLETE for t in trials) >= 1:
-            running = [t for t in trials if t.state == TrialState.RUNNING and "config" in t.user_attrs]
-            if running:
-                return running[0]
-    raise AssertionError("no trial started")
-
-
 @pytest.mark.parametrize("signum, storage", [(signal.SIGINT, "sqlite"), (signal.SIGTERM, "journal"),
                                              (signal.SIGKILL, "journal"), (signal.SIGKILL, "postgresql")])
 def test_a_stopped_trial_is_retried_with_its_parameters_on_resume(tmp_path, request, signum, storage):
@@ -196,7 +178,7 @@ def test_a_stopped_trial_is_retried_with_its_parameters_on_resume(tmp_path, requ
     defn = load_study_definition(path)
     worker = subprocess.Popen(_study_cli("run", path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        stopped = _running_trial(defn, time.time() + 240)
+        stopped = running_trial(defn, time.time() + 240)
         worker.send_signal(signum)
         err = worker.communicate(timeout=120)[1]
     finally:
