@@ -26,7 +26,7 @@ from prunebench.accounting import QueryRecord, StageRecord, StageTimer, llm_flop
 from prunebench.errors import EngineError, StrategyError, strategy_code
 from prunebench.interface import (BEFORE_LLM, SIGNAL_KINDS, Observation, PrunePlan, QueryContext,
                                   Signals, SignalRequest, Stage, Strategy)
-from prunebench.layout import ROW_GROUPS, TokenLayout
+from prunebench.layout import ROW_GROUPS, TokenLayout, arange
 from prunebench.llama_compat import HAS_ATTENTION_REGISTRY, rotary, run_layer
 
 
@@ -82,14 +82,20 @@ class PruningEngine:
                 if r.kind == "attention":
                     attention_at.setdefault(r.layer, []).append(r)
             signals = Signals()
-            # (request, value on the device, its visual indices or None): moved to the host in one
-            # go when a stage or on_forward_end reads signals
+            # (request, value on the device, its visual indices or None; or a list of requests and
+            # their values as rows): moved to the host in one go when a stage or on_forward_end
+            # reads signals
             pending: list = []
             self._input_signals(plan, enc, signals, pending, ctx)
 
         def to_host():
-            for request, value, columns in pending:
-                signals[request] = sig.to_host(value, columns, layout.n_visual)
+            for requests, value, columns in pending:
+                value = sig.to_host(value, columns, layout.n_visual)
+                if isinstance(requests, SignalRequest):
+                    signals[requests] = value
+                else:  # one row per request, moved together
+                    for request, row in zip(requests, value.unbind(0)):
+                        signals[request] = row
             pending.clear()
 
         h = enc.embeds
@@ -106,12 +112,12 @@ class PruningEngine:
             to_host()
             slots, record, keep = self._apply_stage(name, strategy, stage, signals, ctx, layout)
             on_device = self._on_device(slots)
-            h = h[:, on_device]
+            h = h.index_select(1, on_device)
             layout.keep_slots(slots)
             if recompact:
                 cos, sin = full_cos[:, :len(slots)], full_sin[:, :len(slots)]
             else:
-                cos, sin = cos[:, on_device], sin[:, on_device]
+                cos, sin = cos.index_select(1, on_device), sin.index_select(1, on_device)
             if h.shape[1] != layout.current_length or layout.n_present_visual() != record.visual_after:
                 raise EngineError(f"stage {stage.where} did not shorten the sequence as planned")
             stage_records.append(record)
@@ -125,7 +131,7 @@ class PruningEngine:
             def observe(module, query, key):
                 with timer("overhead", moved_from="llm"):
                     values = sig.attention_from_layer(module, query, key, layout, rows)
-                    pending.extend((r, v, present) for r, v in zip(requests, values))
+                    pending.append((requests, values, present))
             return observe
 
         if BEFORE_LLM in stages:
@@ -144,7 +150,7 @@ class PruningEngine:
                     with timer("overhead", moved_from="llm"):
                         rows = [r.rows for r in wanted]
                         values = sig.attention_recomputed(layer, h, cos, sin, layout, rows)
-                        pending.extend((r, v, layout.present_visual()) for r, v in zip(wanted, values))
+                        pending.append((wanted, values, layout.present_visual()))
                 h = run_layer(self.llm, layer, h, pos_ids, cos, sin, observe)
                 tokens.append(h.shape[1])
                 visual.append(h.shape[1] - n_other)
@@ -204,7 +210,7 @@ class PruningEngine:
     # ------------------------------------------------------------------ pieces
     def _on_device(self, index: torch.Tensor) -> torch.Tensor:
         """A small host index tensor on the model's device, without waiting for the device."""
-        return index.to(self.device, non_blocking=True)
+        return index if index.device == self.device else index.to(self.device, non_blocking=True)
 
     def _position_ids(self, layout: TokenLayout, recompact: bool, device: torch.device) -> torch.Tensor:
         if recompact:
@@ -234,31 +240,36 @@ class PruningEngine:
             got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
             raise StrategyError(name, f"stage {stage.where}: score() must return a tensor of shape "
                                       f"({layout.n_visual},), got {got}")
+        layout.present_visual()  # computed once: the copy shares it
         with strategy_code(name, f"stage {stage.where}: select()"):
             keep = strategy.select(stage, scores, ctx, layout.copy())
-        check = self._check_keep if self.checks else self._valid_keep
-        keep = check(name, stage, keep, layout)
-        in_sequence = ~layout.is_visual_slot()  # non-visual tokens are always kept
-        in_sequence[layout.visual_to_slots(keep)] = True
-        slots = torch.nonzero(in_sequence, as_tuple=True)[0]
+        if self.checks:
+            keep = self._check_keep(name, stage, keep, layout)
+            kept_slots = layout.visual_to_slots(keep)
+        else:
+            keep, kept_slots = self._valid_keep(name, stage, keep, layout)
+        # the visual tokens fill one run of slots; every non-visual token is kept
+        first, stop = layout.visual_span()
+        slots = torch.cat([arange(0, first), kept_slots, arange(stop, layout.current_length)])
         record = StageRecord(where=stage.where, name=stage.name, visual_before=before,
                              visual_after=int(keep.numel()),
                              kept=keep.tolist() if self.record_kept else None)
         return slots, record, keep
 
     @classmethod
-    def _valid_keep(cls, name: str, stage: Stage, keep, layout: TokenLayout) -> torch.Tensor:
-        """The keep-set sorted, after one cheap test on the host that it holds distinct present
-        visual indices; ``_check_keep`` diagnoses it only when that test fails."""
+    def _valid_keep(cls, name: str, stage: Stage, keep, layout: TokenLayout):
+        """The keep-set sorted and its current slots, after one cheap test on the host that it holds
+        distinct present visual indices; ``_check_keep`` diagnoses it only when that test fails."""
         is_index = isinstance(keep, torch.Tensor) and keep.dim() == 1 and not keep.is_floating_point()
-        if is_index and keep.numel():
-            keep = keep.cpu().long()  # waits for the device only if the strategy selected there
+        present = layout.present_visual()  # sorted
+        if is_index and keep.numel() and present.numel():
+            if keep.device.type != "cpu" or keep.dtype != torch.long:
+                keep = keep.cpu().long()  # waits for the device only if the strategy selected there
             unique = torch.unique(keep)
-            distinct = unique.numel() == keep.numel()
-            visual = int(unique[0]) >= 0 and int(unique[-1]) < layout.n_visual
-            slots = layout.visual_to_slots(unique).clamp(max=layout.current_length - 1)
-            if distinct and visual and torch.equal(layout.positions[slots], unique + layout.visual_start):
-                return unique  # distinct visual indices, all still in the sequence
+            if unique.numel() == keep.numel():  # distinct
+                at = torch.searchsorted(present, unique).clamp_(max=present.numel() - 1)
+                if torch.equal(present[at], unique):  # all visual and still in the sequence
+                    return unique, at + layout.visual_span()[0]
         cls._check_keep(name, stage, keep, layout)
         raise EngineError(f"stage {stage.where}: invalid keep-set that no check explains")  # unreachable
 

@@ -9,6 +9,7 @@ shortened sequence) to the original position.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +36,48 @@ class ViewSpan:
         return self.start + self.size
 
 
+def _shared(build):
+    """Memoise a builder of constant tensors shared by every query; they are built as normal
+    tensors even under inference mode, so that code with autograd on may index with them too."""
+    @functools.lru_cache(maxsize=1024)
+    @functools.wraps(build)
+    def cached(*args):
+        with torch.inference_mode(False):
+            return build(*args)
+    return cached
+
+
+@_shared
+def _views_of(views: tuple[ViewSpan, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tensors that depend on the views alone, built once per view arrangement (do not modify them):
+    the view id of every visual index, and the first visual index of every view, then n_visual."""
+    view_of = torch.cat([torch.full((v.size,), i) for i, v in enumerate(views)])
+    return view_of, torch.tensor([v.start - views[0].start for v in views] + [views[-1].stop - views[0].start])
+
+
+@_shared
+def arange(start: int, stop: int) -> torch.Tensor:
+    """``torch.arange(start, stop)``, built once per range: the slot ranges of a query's spans repeat
+    from query to query. Shared: do not modify it."""
+    return torch.arange(start, stop)
+
+
+@_shared
+def _landmarks(views: tuple[ViewSpan, ...], prompt: tuple[int, int], actions: tuple[int, int],
+               stop: int) -> torch.Tensor:
+    """Original positions where the spans start and end: the views' starts and the last view's
+    stop, then the prompt's, the action slots' and STOP's [start, stop) (do not modify it)."""
+    return torch.tensor([v.start for v in views] + [views[-1].stop, *prompt, *actions, stop, stop + 1])
+
+
+@_shared
+def _text_slots(prompt: tuple[int, int], template: tuple[int, ...], first: int) -> torch.Tensor:
+    """Slots of the prompt's non-template tokens when the whole prompt is present from slot
+    ``first`` on (shared: do not modify it)."""
+    return torch.tensor([first + i for i, p in enumerate(range(*prompt)) if p not in template],
+                        dtype=torch.long)
+
+
 @dataclass
 class TokenLayout:
     """Spans of one query's sequence plus the current-slot -> original-position map."""
@@ -50,7 +93,6 @@ class TokenLayout:
     def __post_init__(self) -> None:
         if self.positions is None:
             self.positions = torch.arange(self.length)
-        self._view_of = None
         self._reset_caches()
         starts = [v.start for v in self.views]
         if starts[0] != 1 or any(a.stop != b.start for a, b in zip(self.views, self.views[1:])):
@@ -77,14 +119,13 @@ class TokenLayout:
     def _reset_caches(self) -> None:
         """Facts about the current sequence, computed when first asked and reset on every removal
         (the engine and strategies ask for the same ones many times per stage)."""
-        self._present = self._per_view = self._visual_mask = self._visual_slots = None
+        self._present = self._visual_mask = self._visual_slots = None
+        self._span_slots: list[int] | None = None  # current slot of every _landmarks position
         self._rows: dict[str, torch.Tensor] = {}
 
     def view_of_visual(self) -> torch.Tensor:
         """View id of every visual index (shape n_visual). Do not modify it."""
-        if self._view_of is None:
-            self._view_of = torch.cat([torch.full((v.size,), i) for i, v in enumerate(self.views)])
-        return self._view_of
+        return _views_of(self.views)[0]
 
     def visual_range(self, view: int) -> range:
         """Visual indices of one view."""
@@ -104,33 +145,54 @@ class TokenLayout:
     def current_length(self) -> int:
         return int(self.positions.numel())
 
+    def _slots_of_landmarks(self) -> list[int]:
+        """Current slot of every ``_landmarks`` position (where it is or would be): ``positions``
+        is sorted, so one ``searchsorted`` locates every span of the current sequence."""
+        if self._span_slots is None:
+            marks = _landmarks(self.views, self.prompt, self.actions, self.stop)
+            self._span_slots = torch.searchsorted(self.positions, marks).tolist()
+        return self._span_slots
+
+    def view_slot_bounds(self) -> list[int]:
+        """Current slot where each view's present tokens start, then the slot after the last view's.
+        The present visual tokens always fill one run of slots, view after view."""
+        return self._slots_of_landmarks()[:len(self.views) + 1]
+
+    def view_visual_bounds(self) -> torch.Tensor:
+        """First visual index of every view, then n_visual. Do not modify it."""
+        return _views_of(self.views)[1]
+
+    def visual_span(self) -> tuple[int, int]:
+        """[first, stop) current slots of the present visual tokens (one contiguous run)."""
+        bounds = self.view_slot_bounds()
+        return bounds[0], bounds[-1]
+
     def is_visual_slot(self) -> torch.Tensor:
         """Bool mask over current slots: True where the slot holds a visual token. Do not modify it."""
         if self._visual_mask is None:
-            p = self.positions
-            self._visual_mask = (p >= self.visual_start) & (p < self.visual_start + self.n_visual)
+            first, stop = self.visual_span()
+            self._visual_mask = torch.zeros(self.current_length, dtype=torch.bool)
+            self._visual_mask[first:stop] = True
         return self._visual_mask
 
     def visual_slots(self) -> torch.Tensor:
         """Current slots that hold visual tokens, in order."""
         if self._visual_slots is None:
-            self._visual_slots = torch.nonzero(self.is_visual_slot(), as_tuple=True)[0]
+            self._visual_slots = arange(*self.visual_span())
         return self._visual_slots
 
     def present_visual(self) -> torch.Tensor:
-        """Visual indices still in the sequence (sorted)."""
+        """Visual indices still in the sequence (sorted). Do not modify it."""
         if self._present is None:
-            self._present = self.positions[self.is_visual_slot()] - self.visual_start
+            first, stop = self.visual_span()
+            self._present = self.positions[first:stop] - self.visual_start
         return self._present
 
     def n_present_visual(self, view: int | None = None) -> int:
+        bounds = self.view_slot_bounds()
         if view is None:
-            return int(self.present_visual().numel())
-        if self._per_view is None:
-            offsets = torch.tensor([v.stop - self.visual_start for v in self.views])
-            views = torch.bucketize(self.present_visual(), offsets, right=True)
-            self._per_view = torch.bincount(views, minlength=len(self.views)).tolist()
-        return self._per_view[view]
+            return bounds[-1] - bounds[0]
+        return bounds[view + 1] - bounds[view]
 
     def row_slots(self, group: str) -> torch.Tensor:
         """Current slots of a query-row group.
@@ -145,27 +207,32 @@ class TokenLayout:
         return self._rows[group]
 
     def _row_slots(self, group: str) -> torch.Tensor:
-        p = self.positions
+        # spans are runs of slots (positions are sorted): their bounds come from one searchsorted
+        marks = self._slots_of_landmarks()
+        first, stop = marks[0], marks[len(self.views)]  # the visual run; BOS, if present, before it
+        prompt, actions, last = marks[-6:-4], marks[-4:-2], marks[-2:]
         if group == "text":
+            if prompt[1] - prompt[0] == self.prompt[1] - self.prompt[0]:  # the whole prompt present
+                return _text_slots(self.prompt, self.template, prompt[0])
+            p = self.positions
             in_prompt = (p >= self.prompt[0]) & (p < self.prompt[1])
             mask = in_prompt & ~torch.isin(p, torch.tensor(self.template, dtype=p.dtype))
-        elif group == "prompt":
-            mask = (p >= self.prompt[0]) & (p < self.prompt[1])
-        elif group == "language":
-            mask = (p == 0) | ((p >= self.prompt[0]) & (p < self.prompt[1])) | (p == self.stop)
-        elif group == "prefill":
-            mask = p < self.actions[0]
-        elif group == "action":
-            mask = (p >= self.actions[0]) & (p < self.actions[1])
-        elif group == "nonvision":
-            mask = ~self.is_visual_slot()
-        elif group == "post_visual":
-            mask = ~self.is_visual_slot() & (p > self.views[-1].stop - 1)
-        elif group == "last":
-            mask = p == self.stop
-        else:
-            raise ValueError(f"unknown row group {group!r}; choose from {', '.join(ROW_GROUPS)}")
-        return torch.nonzero(mask, as_tuple=True)[0]
+            return torch.nonzero(mask, as_tuple=True)[0]
+        if group == "prompt":
+            return arange(*prompt)
+        if group == "language":  # BOS + prompt + STOP
+            return torch.cat([arange(0, first), arange(*prompt), arange(*last)])
+        if group == "prefill":
+            return arange(0, actions[0])
+        if group == "action":
+            return arange(*actions)
+        if group == "nonvision":
+            return torch.cat([arange(0, first), arange(stop, self.current_length)])
+        if group == "post_visual":  # every slot after the visual run
+            return arange(stop, self.current_length)
+        if group == "last":
+            return arange(*last)
+        raise ValueError(f"unknown row group {group!r}; choose from {', '.join(ROW_GROUPS)}")
 
     def readout_slots(self) -> torch.Tensor:
         """Slots the action head reads: OFT's convention, one position before each action slot.
@@ -189,8 +256,14 @@ class TokenLayout:
         return torch.searchsorted(self.positions, visual_index + self.visual_start)
 
     def copy(self) -> "TokenLayout":
-        return TokenLayout(self.views, self.proprio, self.prompt, self.template, self.actions,
-                           self.stop, self.positions.clone())
+        layout = TokenLayout(self.views, self.proprio, self.prompt, self.template, self.actions,
+                             self.stop, self.positions.clone())
+        # facts that do not depend on the tensors' identity carry over
+        # facts about the current sequence carry over (tensors: the same objects; do not modify)
+        if self._span_slots is not None:
+            layout._span_slots = list(self._span_slots)
+        layout._present = self._present
+        return layout
 
     @classmethod
     def build(cls, grids: list[tuple[str, int, int]], n_proprio: int, n_prompt: int,

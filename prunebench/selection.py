@@ -1,7 +1,8 @@
 """Selectors: turn per-visual-token scores into a keep-set (visual indices, sorted).
 
 Shared by every strategy, so top-k, per-view quotas, unions and diversity are written once.
-Per-view selections handle every view in the same tensor ops (no Python loop over views or tokens).
+Per-view selections rank every view in the same tensor ops (no Python loop over tokens; per view
+only a slice of the ranked run).
 """
 
 from __future__ import annotations
@@ -12,13 +13,18 @@ from prunebench.interface import Budget
 from prunebench.layout import TokenLayout
 
 
+def _float(x: torch.Tensor) -> torch.Tensor:
+    """``x.float()`` without a call (inference mode dispatches even a no-op conversion)."""
+    return x if x.dtype == torch.float32 else x.float()
+
+
 def top_k(scores: torch.Tensor, k: int, among: torch.Tensor, ordered: bool = False) -> torch.Tensor:
     """The ``k`` highest-scoring visual indices from ``among`` (ties broken by lower index), sorted
     by index, or best first when ``ordered``."""
     k = min(k, int(among.numel()))
     if k <= 0:
         return among[:0]
-    values = scores[among].float().nan_to_num(nan=float("-inf"))
+    values = _float(scores[among]).nan_to_num(nan=float("-inf"))
     # stable: sort by descending score, then ascending index
     order = torch.sort(values, descending=True, stable=True).indices[:k]
     return among[order] if ordered else torch.sort(among[order]).values
@@ -30,21 +36,31 @@ def present_in_view(layout: TokenLayout, view: int) -> torch.Tensor:
     return present[(present >= r.start) & (present < r.stop)]
 
 
+def _by_view(scores: torch.Tensor, layout: TokenLayout,
+             among: torch.Tensor | None) -> tuple[torch.Tensor, list[int]]:
+    """The ``among`` indices (sorted; default: the present ones) grouped by view, best first within
+    each (descending score, NaN last, ties by lower index), and where each view's run starts (one
+    entry per view, then the total)."""
+    if among is None:
+        among = layout.present_visual()
+        bounds = layout.view_slot_bounds()
+        starts = [b - bounds[0] for b in bounds]
+    else:  # views are contiguous runs of visual indices, so of the sorted ``among``
+        starts = torch.searchsorted(among, layout.view_visual_bounds()).tolist()
+    values = _float(scores[among]).nan_to_num(nan=float("-inf"))
+    ranked = among[torch.sort(values, descending=True, stable=True).indices]  # best first
+    grouped = ranked[torch.sort(layout.view_of_visual()[ranked], stable=True).indices]
+    return grouped, starts
+
+
 def rank_in_view(scores: torch.Tensor, layout: TokenLayout,
                  among: torch.Tensor | None = None) -> torch.Tensor:
     """Rank of every visual index within its view among the ``among`` indices (sorted; default:
     the present ones) by descending score (0 = best; NaN ranks last; ties broken by lower index,
     as ``top_k``); ``n_visual`` for indices not in ``among``."""
-    among = layout.present_visual() if among is None else among
-    values = scores[among].float().nan_to_num(nan=float("-inf"))
-    ranked = among[torch.sort(values, descending=True, stable=True).indices]  # best first
-    views = layout.view_of_visual()[ranked]
-    grouped = torch.sort(views, stable=True).indices  # by view, best first within each
-    ranked, views = ranked[grouped], views[grouped]
-    counts = torch.bincount(views, minlength=len(layout.views))
-    first = torch.cumsum(counts, 0) - counts  # where each view's run starts
+    grouped, starts = _by_view(scores, layout, among)
     ranks = torch.full((layout.n_visual,), layout.n_visual, dtype=torch.long)
-    ranks[ranked] = torch.arange(ranked.numel()) - first[views]
+    ranks[grouped] = torch.cat([torch.arange(b - a) for a, b in zip(starts, starts[1:])])
     return ranks
 
 
@@ -52,8 +68,16 @@ def top_k_per_view(scores: torch.Tensor, quotas, layout: TokenLayout,
                    among: torch.Tensor | None = None) -> torch.Tensor:
     """In every view ``v``, the ``quotas[v]`` highest-scoring of the ``among`` indices (sorted;
     default: the present ones) in that view, as ``top_k`` per view; sorted by index."""
-    quota = torch.as_tensor(quotas, dtype=torch.long)[layout.view_of_visual()]
-    return torch.nonzero(rank_in_view(scores, layout, among) < quota, as_tuple=True)[0]
+    return top_ks_per_view(scores, [quotas], layout, among)[0]
+
+
+def top_ks_per_view(scores: torch.Tensor, quotas_list, layout: TokenLayout,
+                    among: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """``top_k_per_view`` for several quota lists of the same scores, ranking them once."""
+    grouped, starts = _by_view(scores, layout, among)
+    return [torch.sort(torch.cat([grouped[a:min(b, a + int(q))]
+                                  for a, b, q in zip(starts, starts[1:], quotas)])).values
+            for quotas in quotas_list]
 
 
 def top_k_under_budget(scores: torch.Tensor, budget: Budget, layout: TokenLayout,
@@ -102,20 +126,22 @@ def _farthest_points(candidates: torch.Tensor, features: torch.Tensor, groups: t
     size = member.sum(dim=1)
     if bool((size <= k).all()):
         return torch.sort(candidates).values
-    f = torch.nn.functional.normalize(features[candidates].float(), dim=-1)
+    f = torch.nn.functional.normalize(_float(features[candidates]), dim=-1)
     dist = 1.0 - f @ f.T
     # start: in each group, the candidate farthest from its nearest neighbour in the group
     nearest = dist.masked_fill(groups[:, None] != groups[None, :], float("inf"))
     nearest.fill_diagonal_(float("inf"))
     isolation = nearest.min(dim=0).values
     pick = torch.where(member, isolation, float("-inf")).argmax(dim=1)  # (groups,); first on ties
-    filtering, rows = size > k, torch.arange(n_groups)
+    filtering = size > k
     # closest[g, c]: distance from candidate c to the nearest chosen one in group g; -inf outside g
     closest = torch.where(member, float("inf"), float("-inf"))
+    # a chosen candidate is never chosen again: its own "distance" -1 (cosine distances are >= 0)
+    # marks it in the same minimum that takes it into account
+    dist.fill_diagonal_(-1.0)
     picks = [pick]
     for _ in range(1, int(k[filtering].max())):
         closest = torch.minimum(closest, dist[pick])
-        closest[rows, pick] = -1.0  # chosen: never again (cosine distances are >= 0)
         pick = closest.argmax(dim=1)  # first on ties
         picks.append(pick)
     # the first k[g] picks of every group that needs filtering; the others keep every candidate

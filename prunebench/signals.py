@@ -28,18 +28,21 @@ def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:  # (1, n, H*hd) -> (1
 
 def _on(device: torch.device, index: torch.Tensor) -> torch.Tensor:
     """A small CPU index tensor on ``device`` without waiting for the device (no-op on the CPU)."""
-    return index.to(device, non_blocking=True)
+    return index if index.device == device else index.to(device, non_blocking=True)
 
 
 def to_host(values: torch.Tensor, columns: torch.Tensor | None, n_visual: int) -> torch.Tensor:
-    """Signal values on the host in float32. ``columns``: the visual indices of ``values``' entries
-    (the result is then a vector over all visual indices, NaN where absent); None: ``values`` are
-    already indexed by visual index."""
-    values = values.float().cpu()
+    """Signal values on the host in float32. ``columns``: the visual indices of the entries along
+    ``values``' last dimension (the result then has n_visual entries there, NaN where absent;
+    several signals' rows go in one call); None: ``values`` are already indexed by visual index."""
+    if values.device.type != "cpu":
+        values = values.cpu()
+    if values.dtype != torch.float32:
+        values = values.float()
     if columns is None:
         return values
-    out = torch.full((n_visual,), float("nan"), dtype=torch.float32)
-    out[columns] = values
+    out = torch.full((*values.shape[:-1], n_visual), float("nan"), dtype=torch.float32)
+    out[..., columns] = values
     return out
 
 
@@ -64,7 +67,8 @@ def _row_attention(queries: list[torch.Tensor], k: torch.Tensor, scaling: float,
     softmax over all current keys ``k`` (1, H, n, hd), mean over heads and rows, at the visual slots."""
     # scale the few query rows, not the scores
     means = [torch.softmax((q * scaling) @ k.transpose(-1, -2), dim=-1).mean(dim=(0, 1, 2)) for q in queries]
-    return torch.stack(means)[:, _on(k.device, layout.visual_slots())]
+    first, stop = layout.visual_span()  # the present visual tokens fill one run of slots
+    return torch.stack(means)[:, first:stop]
 
 
 def attention_from_layer(module, query: torch.Tensor, key: torch.Tensor, layout: TokenLayout,
@@ -72,7 +76,9 @@ def attention_from_layer(module, query: torch.Tensor, key: torch.Tensor, layout:
     """Attention of each row group in ``rows`` to the present visual tokens, from the q and k a
     layer's attention ``module`` computed itself (rotary applied, KV heads not yet repeated):
     (len(rows), n present visual) on the device."""
-    k = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # KV heads -> query heads
+    k = key
+    if query.shape[1] != key.shape[1]:  # KV heads -> query heads
+        k = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
     queries = [query[:, :, _on(query.device, layout.row_slots(group))] for group in rows]
     return _row_attention(queries, k, attention_scaling(module), layout)
 

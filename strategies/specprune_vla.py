@@ -33,6 +33,8 @@ defaults it off; counts given for 256-patch views are shares of the view; the re
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -40,7 +42,7 @@ from pydantic import Field
 
 import prunebench
 from prunebench import PrunePlan, Stage, Strategy, StrategyConfig, attention, scale_layer
-from prunebench.selection import rank_in_view, top_k, top_k_per_view, union
+from prunebench.selection import rank_in_view, top_k, top_k_per_view, top_ks_per_view, union
 
 STATIC0, STATIC1, DYNAMIC = "static0", "static1", "dynamic"
 
@@ -88,6 +90,15 @@ class SpecPruneConfig(StrategyConfig):
             dynamic_keep_ratio=trial.suggest_float("dynamic_keep_ratio", 0.5, 1.0),
             speed_threshold=trial.suggest_float("speed_threshold", 0.1, 1.0),
             lookback_max=trial.suggest_int("lookback_max", 2, 6))
+
+
+@functools.lru_cache(maxsize=256)
+def _rank_weights(n: int, layer: int) -> torch.Tensor:
+    """The EMA's rank weights of ``n`` ranked tokens at ``layer``: lam x linspace(10 -> 0.1), lam =
+    sigmoid(10 (32 - layer)) (constant per layer and count: built once; do not modify)."""
+    with torch.inference_mode(False):  # a normal tensor, whichever mode first asks for it
+        lam = float(torch.sigmoid(torch.tensor(10.0 * (32 - layer))))
+        return lam * torch.linspace(10, 0.1, n)
 
 
 def lookback(move: float, t_max: int = 6, t_min: int = 2) -> int:
@@ -206,14 +217,14 @@ class SpecPruneVLA(Strategy):
             return self._select_dynamic(scores, layout)
         if stage.name == STATIC0:
             # per view: the top factor x k by layer-0 attention; its first k also survive layer 1
-            k = torch.tensor(self.k)[layout.view_of_visual()]
-            rank = rank_in_view(scores, layout)
-            self.top_k_layer0 = torch.nonzero(rank < k, as_tuple=True)[0]
-            keep = union(self.dynamic_tokens, self.global_keep,
-                         torch.nonzero(rank < self.config.layer0_factor * k, as_tuple=True)[0])
+            factor_k = [self.config.layer0_factor * k for k in self.k]
+            self.top_k_layer0, top = top_ks_per_view(scores, [self.k, factor_k], layout)
+            keep = union(self.dynamic_tokens, self.global_keep, top)
         else:
             keep = union(self.dynamic_tokens, self.global_keep, self._top1(scores, layout),
                          self.top_k_layer0)
+        if layout.n_present_visual() == layout.n_visual:  # nothing removed yet
+            return keep
         return keep[torch.isin(keep, layout.present_visual())]
 
     def _top1(self, scores, layout) -> torch.Tensor:
@@ -236,14 +247,14 @@ class SpecPruneVLA(Strategy):
             attn = signals[attention(layer, "post_visual")]
             present = torch.nonzero(~torch.isnan(attn), as_tuple=True)[0]
             ranked = present[torch.argsort(attn[present], descending=True, stable=True)]
-            weights = torch.linspace(10, 0.1, ranked.numel())
-            lam = float(torch.sigmoid(torch.tensor(10.0 * (32 - layer))))
+            weights = _rank_weights(ranked.numel(), layer)  # lam x linspace(10, 0.1)
             target = ranked
             if c.release_ema_index_bug:
                 # the release writes rank j's score at the slot numbered by the token's *original*
                 # position; in visual indices that is the token now at that slot, if visual
                 target, weights = self._slots_as_visual(ranked, weights, present)
-            self.importance[target] += c.ema_alpha * (lam * weights - self.importance[target])
+            current = self.importance[target]
+            self.importance[target] = current + c.ema_alpha * (weights - current)
 
     @staticmethod
     def _slots_as_visual(ranked, weights, present):
@@ -268,8 +279,8 @@ class SpecPruneVLA(Strategy):
         if not (self.config.static and self.config.use_global):
             return
         layers = self._layers(len(record.tokens_per_layer))[3]
-        stack = torch.stack([torch.nan_to_num(signals[attention(l, "text")], nan=0.0) for l in layers])
-        self.global_scores = stack.mean(0)
+        stack = torch.stack([signals[attention(l, "text")] for l in layers])
+        self.global_scores = torch.nan_to_num(stack, nan=0.0).mean(0)
 
 
 @prunebench.hookimpl
