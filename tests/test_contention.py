@@ -40,8 +40,12 @@ def test_the_contention_rule_on_given_numbers():
     assert busy.contended and "CPU/wall 0.50" in busy.reasons[0] and busy.cpu_share_low == pytest.approx(2 / 3)
     # the boundary is not contended; a load above LOAD_PER_CORE x cores is
     assert not judge([CPU_SHARE_MIN * 10], [10.0], [LOAD_PER_CORE * 2], cores=2).contended
-    loaded = judge([10.0], [10.0], [1.0, LOAD_PER_CORE * 2 + 0.1], cores=2)
-    assert loaded.contended and "load average 3.10 > 1.5 x 2 cores" in loaded.reasons[0]
+    # ... when a tenth of the queries waited (the median does not see them) ...
+    loaded = judge([10.0] * 8 + [5.0] * 2, [10.0] * 10, [1.0, LOAD_PER_CORE * 2 + 0.1], cores=2)
+    assert loaded.contended and "load average 3.10 > 1.5 x 2 cores with 20% of queries" in loaded.reasons[0]
+    # ... but not when no query waited: the load is the run's own (workers, render threads)
+    assert not judge([10.0] * 10, [10.0] * 10, [LOAD_PER_CORE * 2 + 1.3], cores=2).contended
+    assert judge([1.0], [10.0], [LOAD_PER_CORE * 2 + 0.1], cores=2, device="cuda:0").contended
     # on a GPU the querying thread waits for the device: only the load average counts
     assert not judge([1.0], [10.0], [0.5], cores=2, device="cuda:0").contended
     # missing figures (old files, no load average on this OS) are skipped, not guessed
