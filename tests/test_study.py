@@ -1,7 +1,6 @@
 """Optuna studies: definitions, runs, Pareto fronts, hypervolume, resume after SIGKILL, two workers."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
