@@ -100,15 +100,14 @@ def postprocess_action(action: np.ndarray) -> np.ndarray:
 class EpisodeRunner:
     """Everything one process needs to run episodes: model, engine, strategies, a cached env."""
 
-    def __init__(self, cfg: EvalConfig, make_env: Callable[[Job], object] | None = None,
-                 threads: int | None = None) -> None:
+    def __init__(self, cfg: EvalConfig, make_env: Callable[[Job], object] | None = None) -> None:
         from prunebench.contention import set_threads
         from prunebench.engine import PruningEngine
         from prunebench.models import load_model, model_device
         from prunebench.plugins import MANAGER
 
         self.cfg = cfg
-        set_threads(threads or cfg.threads)  # this process's torch threads (default: every core)
+        set_threads(cfg.threads)  # this process's torch threads (default: every core)
         model, _ = load_model(cfg.model, seed=cfg.seed, suite=cfg.suite, device=cfg.device)
         self.model = model
         self.device = model_device(model)
