@@ -7,7 +7,7 @@ measured in one process with all variants interleaved in shuffled order per
 round (so machine noise hits all alike):
 
 * LLM speedup     = median dense LLM ms / median pruned LLM ms (decoder layers + final norm)
-* FLOPs-ideal     = dense LLM FLOPs / pruned LLM FLOPs (prunebench/accounting.py)
+* FLOPs-ideal     = dense LLM FLOPs / pruned LLM FLOPs (prunebench/engine/accounting.py)
 * ratio           = LLM speedup / FLOPs-ideal
 * overhead %      = median pruning overhead (schedule + signals + score + select + gather)
                     / median query time
@@ -22,18 +22,18 @@ import sys
 
 import numpy as np
 
-from prunebench import metrics
-from prunebench.baseline import DENSE, Dense
-from prunebench.compare import format_table
-from prunebench.config import parse_overrides
-from prunebench.engine import PruningEngine
+from prunebench.evaluation import metrics
+from prunebench.plugins.dense import DENSE, Dense
+from prunebench.evaluation.tables import format_table
+from prunebench.evaluation.config import parse_overrides
+from prunebench.engine.loop import PruningEngine
 from prunebench.models import load_model
 from prunebench.models.mini_oft import MiniOFT, MiniOFTConfig
-from prunebench.plugins import MANAGER
-from prunebench.results import write_json
-from prunebench.runner import run_interleaved
-from prunebench.streams import SyntheticStream
-from prunebench.versions import environment
+from prunebench.plugins.manager import MANAGER
+from prunebench.evaluation.results import write_json
+from prunebench.evaluation.runner import run_interleaved
+from prunebench.evaluation.streams import SyntheticStream
+from prunebench.runtime.versions import environment
 
 KEEP_RATIOS = (1.0, 0.75, 0.5, 0.25)
 # the shape of the first built-in model: 12x12 patches per view, the LLM most of a query

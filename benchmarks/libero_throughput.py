@@ -23,10 +23,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from prunebench.closed_loop import EvalConfig, evaluate
-from prunebench.compare import format_table
-from prunebench.results import write_json
-from prunebench.versions import environment
+from prunebench.evaluation.closed_loop import EvalConfig, evaluate
+from prunebench.evaluation.tables import format_table
+from prunebench.evaluation.results import write_json
+from prunebench.runtime.versions import environment
 
 
 def main(argv=None) -> int:

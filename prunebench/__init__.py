@@ -4,12 +4,12 @@ Public API for strategy authors: the interface (``Strategy``, ``StrategyConfig``
 ``Stage``, ``Budget``, signal requests), the ``TokenLayout`` and ``hookimpl``.
 """
 
-from prunebench.errors import EngineError, PluginError, PrunebenchError, StrategyError
-from prunebench.hookspecs import hookimpl
-from prunebench.interface import (BEFORE_LLM, EMBEDDINGS, PIXELS, Budget, EnvStep, EpisodeInfo,
+from prunebench.contract.errors import EngineError, PluginError, PrunebenchError, StrategyError
+from prunebench.plugins.hookspecs import hookimpl
+from prunebench.contract.interface import (BEFORE_LLM, EMBEDDINGS, PIXELS, Budget, EnvStep, EpisodeInfo,
                                   Observation, PrunePlan, QueryContext, SignalRequest, Signals, Stage,
                                   Strategy, StrategyConfig, attention, qk_logits, scale_layer)
-from prunebench.layout import TokenLayout, ViewSpan
+from prunebench.contract.layout import TokenLayout, ViewSpan
 
 __version__ = "0.1.0"
 

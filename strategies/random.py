@@ -8,7 +8,7 @@ from pydantic import Field
 
 import prunebench
 from prunebench import Budget, PrunePlan, Stage, Strategy
-from strategies.common import KeepAtPointConfig
+from prunebench.strategies.common import KeepAtPointConfig
 
 
 class RandomConfig(KeepAtPointConfig):

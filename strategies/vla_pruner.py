@@ -24,7 +24,7 @@ from pydantic import Field
 
 import prunebench
 from prunebench import EMBEDDINGS, Budget, PrunePlan, Stage, Strategy, StrategyConfig, attention, scale_layer
-from prunebench.selection import max_min_diverse_per_view, top_k_per_view, union
+from prunebench.contract.selection import max_min_diverse_per_view, top_k_per_view, union
 
 
 class VLAPrunerConfig(StrategyConfig):

@@ -3,15 +3,15 @@ import os
 # Installed third-party plugins must not change test outcomes: load no entry points unless a
 # test asks for them explicitly.
 os.environ.setdefault("PRUNEBENCH_LOAD_PLUGINS", "")
-# Every engine diagnoses every keep-set in full (prunebench.engine.debug_checks).
+# Every engine diagnoses every keep-set in full (prunebench.engine.loop.debug_checks).
 os.environ.setdefault("PRUNEBENCH_DEBUG_CHECKS", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from prunebench.engine import PruningEngine  # noqa: E402
-from prunebench.interface import Observation  # noqa: E402
+from prunebench.engine.loop import PruningEngine  # noqa: E402
+from prunebench.contract.interface import Observation  # noqa: E402
 from prunebench.models.mini_oft import MiniOFT, MiniOFTConfig  # noqa: E402
 
 TINY = MiniOFTConfig(image_size=32, patch_size=8, stem_channels=4, vision_width=8, hidden_size=32,

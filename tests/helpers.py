@@ -53,7 +53,7 @@ class StrategyPlugin:
 @contextmanager
 def registered(cls):
     """``cls`` registered in the global plugin manager for the duration of the block."""
-    from prunebench.plugins import MANAGER
+    from prunebench.plugins.manager import MANAGER
 
     name = f"test-{cls.name}"
     MANAGER.register(StrategyPlugin(cls), name=name)

@@ -11,8 +11,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from prunebench.cli import main
-from prunebench.envs.libero import libero_available
+from prunebench.cli.main import main
+from prunebench.evaluation.libero_env import libero_available
 from prunebench.models.mini_oft import MiniOFT
 from tests.conftest import TINY
 

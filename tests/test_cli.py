@@ -1,8 +1,8 @@
 import json
 
 
-from prunebench.cli import main
-from prunebench.results import read_results
+from prunebench.cli.main import main
+from prunebench.evaluation.results import read_results
 
 
 def test_plugins_lists_the_baselines_and_the_paper_methods(capsys):

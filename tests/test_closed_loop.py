@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from prunebench import PrunePlan, Strategy
-from prunebench.closed_loop import EpisodeRunner, EvalConfig, Job, postprocess_action
-from prunebench.envs.libero import WAIT_STEPS, SimulationError, StepState
+from prunebench.evaluation.closed_loop import EpisodeRunner, EvalConfig, Job, postprocess_action
+from prunebench.evaluation.libero_env import WAIT_STEPS, SimulationError, StepState
 from tests.helpers import registered
 
 
@@ -135,8 +135,8 @@ def test_action_readout_convention():
 
 
 def test_bad_eval_config_is_one_line_error_naming_the_field():
-    from prunebench.closed_loop import load_eval_config
-    from prunebench.errors import PrunebenchError
+    from prunebench.evaluation.closed_loop import load_eval_config
+    from prunebench.contract.errors import PrunebenchError
 
     with pytest.raises(PrunebenchError, match="field 'episodes'"):
         load_eval_config(None, strategy="none", episodes=0)
@@ -147,8 +147,8 @@ def test_bad_eval_config_is_one_line_error_naming_the_field():
 def test_missing_libero_is_one_clear_error(monkeypatch, capsys):
     import sys
 
-    from prunebench.cli import main
-    from prunebench.envs import libero
+    from prunebench.cli.main import main
+    from prunebench.evaluation import libero_env as libero
 
     libero.libero_modules.cache_clear()
     for name in [m for m in sys.modules if m == "libero" or m.startswith("libero.")] + ["libero"]:

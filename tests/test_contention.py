@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from prunebench.cli import main
-from prunebench.closed_loop import EpisodeRunner, EvalConfig, Job, _run_pool, print_summary
-from prunebench.contention import CPU_SHARE_MIN, LOAD_PER_CORE, default_threads, judge, of_records
-from prunebench.results import (ClosedLoopQuery, EpisodeResult, EvalResults, StrategyInfo, read_results)
+from prunebench.cli.main import main
+from prunebench.evaluation.closed_loop import EpisodeRunner, EvalConfig, Job, _run_pool, print_summary
+from prunebench.evaluation.contention import CPU_SHARE_MIN, LOAD_PER_CORE, default_threads, judge, of_records
+from prunebench.evaluation.results import (ClosedLoopQuery, EpisodeResult, EvalResults, StrategyInfo, read_results)
 
 
 @pytest.fixture(autouse=True)
@@ -117,7 +117,7 @@ def test_a_stream_run_names_threads_device_plugin_and_contention(tmp_path, capsy
     assert results.environment["torch_threads"] == 1 and results.environment["device"] == "cpu"
     assert results.environment["git_hash"] is None or len(results.environment["git_hash"]) == 40
     info = results.strategy
-    assert (info.plugin, info.distribution, info.version) == ("strategies.random", "prunebench", own_version())
+    assert (info.plugin, info.distribution, info.version) == ("prunebench.strategies.random", "prunebench", own_version())
     assert results.contention.n_queries == 3 and len(results.contention.load_avg) == 2
     assert all(q.cpu_ms > 0 for q in results.queries)
 
@@ -135,19 +135,19 @@ def test_the_stream_comparison_flags_contention_and_names_each_strategy(tmp_path
 
 
 def test_a_replay_report_names_what_produced_it(engine):
-    from prunebench.plugins import MANAGER
-    from prunebench.replay import replay
-    from prunebench.streams import SyntheticStream
+    from prunebench.plugins.manager import MANAGER
+    from prunebench.evaluation.replay import replay
+    from prunebench.evaluation.streams import SyntheticStream
 
     stream = SyntheticStream(n_queries=2, seed=0, image_size=32)
     report = replay(engine, MANAGER.create("random"), [stream], name="random")
-    assert report.strategy_info.distribution == "prunebench" and report.strategy_info.plugin == "strategies.random"
+    assert report.strategy_info.distribution == "prunebench" and report.strategy_info.plugin == "prunebench.strategies.random"
     assert report.environment["device"] == "cpu" and report.environment["torch_threads"] == torch.get_num_threads()
     assert report.contention.n_queries == 4  # the dense and the pruned forwards
 
 
 def test_study_evaluation_threads_reach_the_closed_loop_config():
-    from prunebench.study import Evaluation
+    from prunebench.study.core import Evaluation
 
     assert Evaluation(threads=1, closed_loop={"suite": "libero_object"}).eval_config("none", {}, 0).threads == 1
     with pytest.raises(ValueError, match="closed_loop.threads is set by the study"):
@@ -157,7 +157,7 @@ def test_study_evaluation_threads_reach_the_closed_loop_config():
 # --------------------------------------------------------------------------- device
 def test_the_device_recorded_is_where_the_weights_are(tiny_model):
     from prunebench.models import MiniOFT, model_device
-    from prunebench.versions import environment
+    from prunebench.runtime.versions import environment
     from tests.conftest import TINY
 
     assert model_device(tiny_model) == "cpu"
@@ -181,7 +181,7 @@ def test_mini_oft_builds_its_inputs_on_its_own_device(tiny_model, obs):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
 def test_device_cuda_without_cuda_is_one_line_and_exit_2(capsys):
-    from prunebench.errors import PrunebenchError
+    from prunebench.contract.errors import PrunebenchError
     from prunebench.models import load_model
 
     assert main(["run", "--strategy", "random", "--queries", "1", "--device", "cuda"]) == 2

@@ -3,7 +3,7 @@
 Every ``prunebench ...`` command in README.md, docs/*.md and benchmarks/README.md (fenced shell
 blocks and inline code), every bare inline ``--flag``, and every ``--flag`` in a string literal of
 prunebench/ (error and help messages; docstrings excluded) is checked against the CLI parser
-(``prunebench.cli.build_parser()``, study subcommands included). A flag is checked against its own
+(``prunebench.cli.main.build_parser()``, study subcommands included). A flag is checked against its own
 subcommand where the text names one (``prunebench run --suite ...``), otherwise against every
 subcommand. ``python benchmarks/*.py`` and ``python docs/figures/*.py`` commands are checked against
 the options those scripts' own argparse parsers declare.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from prunebench.cli import build_parser
+from prunebench.cli.main import build_parser
 
 ROOT = Path(__file__).parents[1]
 DOCS = [ROOT / "README.md", ROOT / "benchmarks" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -236,7 +236,7 @@ def test_the_checker_catches_made_up_commands_and_flags():
 
 def test_example_study_writes_under_ignored_results():
     """The example study's storage, trial results and plots go to results/, not into docs/."""
-    from prunebench.study import load_study_definition
+    from prunebench.study.core import load_study_definition
 
     defn = load_study_definition(ROOT / "studies" / "object_pareto.yaml")
     assert defn.results_path.parts[0] == "results"

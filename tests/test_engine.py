@@ -2,13 +2,13 @@ import pytest
 import torch
 
 from prunebench import BEFORE_LLM, PrunePlan, Stage, StrategyError, attention
-from prunebench.engine import PruningEngine
-from prunebench.errors import EngineError
-from prunebench.layout import ROW_GROUPS
-from prunebench.llama_compat import (HAS_ATTENTION_REGISTRY, attention_scaling, forward_bidirectional, rotary,
+from prunebench.engine.loop import PruningEngine
+from prunebench.contract.errors import EngineError
+from prunebench.contract.layout import ROW_GROUPS
+from prunebench.engine.transformers_compat import (HAS_ATTENTION_REGISTRY, attention_scaling, forward_bidirectional, rotary,
                                      run_layer)
-from prunebench.plugins import MANAGER
-from prunebench.signals import attention_to_visual
+from prunebench.plugins.manager import MANAGER
+from prunebench.engine.signals import attention_to_visual
 from tests.conftest import TINY, make_observation
 from tests.helpers import FixedPlan, first_k, keep_all
 
@@ -234,8 +234,8 @@ def _shipped_policy():
 
 @pytest.mark.parametrize("which", ["tiny", "shipped"])
 def test_attention_signals_from_the_layer_equal_the_recomputed_ones(tiny_model, which, monkeypatch):
-    import prunebench.engine as engine_module
-    import prunebench.signals as signals_module
+    import prunebench.engine.loop as engine_module
+    import prunebench.engine.signals as signals_module
 
     model = tiny_model if which == "tiny" else _shipped_policy()
     obs = make_observation(size=model.cfg.image_size)
@@ -279,7 +279,7 @@ def test_observing_a_layer_leaves_the_dense_forward_bit_identical(engine, tiny_m
 def test_signal_time_inside_a_layer_is_overhead():
     import time
 
-    from prunebench.accounting import StageTimer
+    from prunebench.engine.accounting import StageTimer
 
     timer = StageTimer()
     with timer("llm"):
@@ -291,7 +291,7 @@ def test_signal_time_inside_a_layer_is_overhead():
 def test_qk_logits_equal_the_row_by_key_mean(tiny_model, obs):
     """ADP's signal, computed as a mean query row times the visual keys, equals the mean of the
     full rows x keys logits."""
-    from prunebench.signals import qk_logits_to_visual
+    from prunebench.engine.signals import qk_logits_to_visual
 
     enc = tiny_model.encode(obs)
     layout, layer = enc.layout, tiny_model.llm.layers[0]
@@ -337,8 +337,8 @@ def test_signals_with_grouped_kv_heads():
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-    from prunebench.layout import TokenLayout
-    from prunebench.signals import attention_from_layer, attention_recomputed, qk_logits_to_visual
+    from prunebench.contract.layout import TokenLayout
+    from prunebench.engine.signals import attention_from_layer, attention_recomputed, qk_logits_to_visual
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,

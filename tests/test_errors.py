@@ -8,9 +8,9 @@ import torch
 
 import prunebench
 from prunebench import BEFORE_LLM, Budget, PrunePlan, Stage, Strategy, attention
-from prunebench.closed_loop import EpisodeRunner, EvalConfig, Job
-from prunebench.errors import RunAborted, StrategyError
-from prunebench.results import EvalResults, StrategyInfo
+from prunebench.evaluation.closed_loop import EpisodeRunner, EvalConfig, Job
+from prunebench.contract.errors import RunAborted, StrategyError
+from prunebench.evaluation.results import EvalResults, StrategyInfo
 from tests.helpers import registered
 from tests.test_closed_loop import FakeEnv
 
@@ -98,7 +98,7 @@ def test_an_episode_that_raises_is_an_error_not_a_failure(tiny_path):
 
 
 def test_tables_show_errors_and_no_rate_without_outcomes(tiny_path, capsys):
-    from prunebench.closed_loop import print_summary
+    from prunebench.evaluation.closed_loop import print_summary
 
     with registered(Raises):
         cfg = EvalConfig(strategy="raises", model=tiny_path, max_steps=16)
@@ -116,8 +116,8 @@ def test_tables_show_errors_and_no_rate_without_outcomes(tiny_path, capsys):
 def test_a_strategy_raising_in_workers_stops_the_run_with_one_line(tmp_path, monkeypatch, capsys):
     """A strategy that raises, two worker processes: one line that names the strategy, exit code 1,
     and the errored episodes' tracebacks in the results file."""
-    from prunebench.cli import main
-    from prunebench.envs.libero import libero_available
+    from prunebench.cli.main import main
+    from prunebench.evaluation.libero_env import libero_available
     from tests.test_plugins import write_fake_distribution
 
     if not libero_available():
@@ -137,7 +137,7 @@ def test_a_strategy_raising_in_workers_stops_the_run_with_one_line(tmp_path, mon
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the spawned workers find the plugin too
     monkeypatch.setenv("PRUNEBENCH_LOAD_PLUGINS", "prunebench-fake")
-    from prunebench import plugins
+    from prunebench.plugins import manager as plugins
 
     monkeypatch.setattr(plugins, "MANAGER", plugins.PluginManager())
     out = tmp_path / "boom.json"

@@ -1,6 +1,6 @@
 import torch
 
-from prunebench.layout import TokenLayout
+from prunebench.contract.layout import TokenLayout
 
 
 def layout():

@@ -5,14 +5,14 @@ import json
 import numpy as np
 import pytest
 
-from prunebench.envs.libero import libero_available
+from prunebench.evaluation.libero_env import libero_available
 
 pytestmark = [pytest.mark.libero,
               pytest.mark.skipif(not libero_available(), reason="LIBERO not installed (extra 'libero')")]
 
 
 def short_run(tmp_path, **fields):
-    from prunebench.closed_loop import EvalConfig
+    from prunebench.evaluation.closed_loop import EvalConfig
 
     base = dict(strategy="random", config={"keep_ratio": 0.5}, suite="libero_object", tasks=[0],
                 episodes=1, max_steps=16, render_quality="fast", hard_reset=False)
@@ -20,7 +20,7 @@ def short_run(tmp_path, **fields):
 
 
 def test_render_at_query_matches_the_stock_camera_observation():
-    from prunebench.envs.libero import LiberoEnv
+    from prunebench.evaluation.libero_env import LiberoEnv
 
     envs = [LiberoEnv("libero_object", 0, camera_size=64, render=mode, hard_reset=False)
             for mode in ("every_step", "query")]
@@ -45,12 +45,12 @@ def test_render_at_query_matches_the_stock_camera_observation():
 
 
 def test_full_loop_writes_results_and_a_replayable_stream(tmp_path):
-    from prunebench.closed_loop import evaluate
-    from prunebench.engine import PruningEngine
+    from prunebench.evaluation.closed_loop import evaluate
+    from prunebench.engine.loop import PruningEngine
     from prunebench.models import load_model
-    from prunebench.plugins import MANAGER
-    from prunebench.replay import RecordedStream, replay
-    from prunebench.results import read_eval_results
+    from prunebench.plugins.manager import MANAGER
+    from prunebench.evaluation.replay import RecordedStream, replay
+    from prunebench.evaluation.results import read_eval_results
 
     cfg = short_run(tmp_path, record_dir=str(tmp_path / "streams"), record_history=2,
                     video_dir=str(tmp_path / "videos"))
@@ -82,8 +82,8 @@ def test_full_loop_writes_results_and_a_replayable_stream(tmp_path):
 
 
 def test_ctrl_c_keeps_the_finished_episodes(tmp_path):
-    from prunebench.closed_loop import evaluate
-    from prunebench.results import read_eval_results
+    from prunebench.evaluation.closed_loop import evaluate
+    from prunebench.evaluation.results import read_eval_results
 
     def interrupt(_episode):
         raise KeyboardInterrupt
@@ -96,7 +96,7 @@ def test_ctrl_c_keeps_the_finished_episodes(tmp_path):
 
 
 def test_parallel_workers_run_every_episode(tmp_path):
-    from prunebench.closed_loop import evaluate
+    from prunebench.evaluation.closed_loop import evaluate
 
     results = evaluate(short_run(tmp_path, episodes=2, max_steps=8, workers=2), tmp_path / "r.json")
     assert sorted(e.init_state_id for e in results.episodes) == [0, 1]
@@ -105,7 +105,7 @@ def test_parallel_workers_run_every_episode(tmp_path):
 
 @pytest.mark.parametrize("name", ["specprune-vla", "vla-pruner", "adp"])
 def test_paper_strategies_run_a_closed_loop_episode(tmp_path, name):
-    from prunebench.closed_loop import evaluate
+    from prunebench.evaluation.closed_loop import evaluate
 
     # ADP's trajectory gate depends on how the policy moves the arm in these few steps; its gate
     # logic is tested on hand-made trajectories in test_paper_strategies, here it runs ungated
@@ -122,7 +122,7 @@ def test_paper_strategies_run_a_closed_loop_episode(tmp_path, name):
 
 
 def test_scripted_expert_solves_a_sampled_scene_and_demos_resume(tmp_path):
-    from prunebench.demos import DemoConfig, demo_files, generate
+    from prunebench.training.demos import DemoConfig, demo_files, generate
 
     cfg = DemoConfig(tasks=[0], per_task=1, noise=0.0, render_every=40, camera_size=32, workers=1)
     manifest = generate(cfg, tmp_path)
@@ -136,7 +136,7 @@ def test_scripted_expert_solves_a_sampled_scene_and_demos_resume(tmp_path):
     assert np.all(demo["actions"][:, 3:6] == 0) and set(np.unique(demo["actions"][:, 6])) == {-1.0, 1.0}
     assert "alphabet soup" in str(demo["instruction"])
     # the sampled start is not an official evaluation init state
-    from prunebench.envs.libero import init_states
+    from prunebench.evaluation.libero_env import init_states
 
     assert int(demo["seed"]) == 0 and len(init_states("libero_object", 0)) == 50
     again = generate(cfg, tmp_path)  # resumes: nothing left to do
@@ -144,7 +144,7 @@ def test_scripted_expert_solves_a_sampled_scene_and_demos_resume(tmp_path):
 
 
 def test_closed_loop_compare_prints_one_row_per_strategy(tmp_path, capsys):
-    from prunebench.cli import main
+    from prunebench.cli.main import main
 
     out = tmp_path / "cmp"
     code = main(["compare", "--suite", "libero_object", "--tasks", "0", "--episodes", "1",
@@ -155,7 +155,7 @@ def test_closed_loop_compare_prints_one_row_per_strategy(tmp_path, capsys):
     rows = [line.split() for line in table.splitlines() if line.startswith(("none ", "random "))]
     assert [r[0] for r in rows] == ["none", "random"] and all(r[1] == "1" for r in rows)
     assert sorted(p.name for p in out.iterdir()) == ["none.json", "random.json"]
-    from prunebench.results import read_eval_results
+    from prunebench.evaluation.results import read_eval_results
 
     pruned = read_eval_results(out / "random.json")
     assert pruned.overall.queries.mean_visual_tokens == 64.0  # half of the 128 visual tokens

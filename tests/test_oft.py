@@ -9,14 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from prunebench.engine import PruningEngine
-from prunebench.errors import PrunebenchError
-from prunebench.interface import Observation
+from prunebench.engine.loop import PruningEngine
+from prunebench.contract.errors import PrunebenchError
+from prunebench.contract.interface import Observation
 from prunebench.models import load_model
 from prunebench.models.oft_checkpoint import load_oft, unnorm_key
 from prunebench.models.oft_tiny import build_tiny_oft, tiny_norm_stats, write_tiny_checkpoint
 from prunebench.models.openvla_oft import VISION_BACKBONES, VisionTower, center_crop, oft_frame
-from prunebench.plugins import MANAGER
+from prunebench.plugins.manager import MANAGER
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def test_norm_stats_are_read_from_dataset_statistics_json_first(checkpoint, tmp_
 
 def test_rotary_inv_freq_stays_float32_in_a_bfloat16_model(checkpoint):
     """OFT keeps the rotary inv_freq in float32 in its bfloat16 model; a bfloat16 copy moves the angles."""
-    from prunebench.llama_compat import rotary
+    from prunebench.engine.transformers_compat import rotary
 
     reference = build_tiny_oft(seed=0)  # float32
     expected = {n: b for n, b in reference.named_buffers() if n.endswith("inv_freq")}
@@ -193,7 +193,7 @@ def test_loader_errors_name_the_file_or_tensor(checkpoint, tmp_path):
 
 
 def test_check_command_reports_no_difference_against_the_adapters_own_forward(checkpoint, capsys):
-    from prunebench.cli import main
+    from prunebench.cli.main import main
 
     code = main(["check-oft", str(checkpoint), "--suite", "libero_spatial", "--synthetic", "--device", "cpu",
                  "--reference", "adapter", "--observations", "2", "--tolerance", "1e-5"])
@@ -202,7 +202,7 @@ def test_check_command_reports_no_difference_against_the_adapters_own_forward(ch
 
 
 def test_check_command_says_the_openvla_reference_runs_the_checkpoints_code(checkpoint, capsys, monkeypatch):
-    from prunebench.cli import main
+    from prunebench.cli.main import main
 
     monkeypatch.setitem(sys.modules, "prismatic.models.action_heads", None)  # OFT's code: not installed
     code = main(["check-oft", str(checkpoint), "--suite", "libero_object", "--synthetic", "--device", "cpu",

@@ -10,10 +10,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from prunebench import outputs
-from prunebench.cli import main
-from prunebench.errors import PrunebenchError
-from prunebench.results import read_eval_results, read_results, write_json
+from prunebench.runtime import outputs
+from prunebench.cli.main import main
+from prunebench.contract.errors import PrunebenchError
+from prunebench.evaluation.results import read_eval_results, read_results, write_json
 
 STAMP = "20250101T120000"
 
@@ -28,8 +28,8 @@ def tiny(tmp_path, tiny_model):
 @pytest.fixture
 def fake_libero(monkeypatch):
     """Closed-loop runs without the simulator: one task with 50 init states, FakeEnv episodes."""
-    from prunebench.closed_loop import EpisodeRunner
-    from prunebench.envs import libero
+    from prunebench.evaluation.closed_loop import EpisodeRunner
+    from prunebench.evaluation import libero_env as libero
     from tests.test_closed_loop import FakeEnv
 
     task = libero.TaskInfo("libero_object", 0, "fake", "pick up the alphabet soup", "", 50)
@@ -53,13 +53,13 @@ def no_work(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("work started before the output was checked")
 
-    monkeypatch.setattr("prunebench.cli._engine", refuse)
+    monkeypatch.setattr("prunebench.cli.main._engine", refuse)
 
 
 # --------------------------------------------------------------------------- concurrent runs
 def test_a_second_run_on_the_same_output_stops_at_once_and_the_first_keeps_its_file(
         tmp_path, tiny, monkeypatch, capsys):
-    import prunebench.runner as runner
+    import prunebench.evaluation.runner as runner
 
     out = tmp_path / "r.json"
     real, second = runner.run_stream, []
@@ -79,7 +79,7 @@ def test_a_second_run_on_the_same_output_stops_at_once_and_the_first_keeps_its_f
 
 
 def test_runs_started_in_the_same_second_get_their_own_default_files(tmp_path, tiny, monkeypatch, capsys):
-    import prunebench.runner as runner
+    import prunebench.evaluation.runner as runner
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(outputs, "stamp", lambda: STAMP)
@@ -187,7 +187,7 @@ def test_study_export_and_plot_refuse_existing_outputs_before_any_work(tmp_path,
         table.append(defn.name)
         return pd.DataFrame({"strategy": ["random"], "trial": [0]})
 
-    monkeypatch.setattr("prunebench.cli_study._table", fake_table)
+    monkeypatch.setattr("prunebench.cli.study._table", fake_table)
     out = tmp_path / "t.csv"
     out.write_text("mine")
     assert main(["study", "export", definition, "-o", str(out)]) == 2
@@ -207,7 +207,7 @@ def test_study_export_and_plot_refuse_existing_outputs_before_any_work(tmp_path,
 
 def test_demos_resume_a_dataset_but_never_write_over_other_files(tmp_path, monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr("prunebench.demos.generate", lambda cfg, out: calls.append(out) or {"tasks": {}})
+    monkeypatch.setattr("prunebench.training.demos.generate", lambda cfg, out: calls.append(out) or {"tasks": {}})
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "config.json").write_text('{"lr": 1}')

@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from prunebench import PIXELS, EnvStep, Observation, PrunePlan, Strategy
-from prunebench.engine import PruningEngine
+from prunebench.engine.loop import PruningEngine
 from prunebench.models import load_model
-from prunebench.plugins import MANAGER
-from strategies.adp import DENSE, PRUNED, ADPConfig, TrajectoryGate, displacement
-from strategies.specprune_vla import lookback
-from strategies.vla_pruner import smooth
+from prunebench.plugins.manager import MANAGER
+from prunebench.strategies.adp import DENSE, PRUNED, ADPConfig, TrajectoryGate, displacement
+from prunebench.strategies.specprune_vla import lookback
+from prunebench.strategies.vla_pruner import smooth
 from tests.conftest import make_observation
 
 
@@ -149,7 +149,7 @@ def test_patch_pixels_of_a_frame_follow_the_models_preprocessing(engine):
 
 
 def test_specprune_layer1_index_bug_flag(engine):
-    from prunebench.layout import TokenLayout
+    from prunebench.contract.layout import TokenLayout
 
     obs = make_observation(0)
     layout: TokenLayout = engine.model.encode(obs).layout
@@ -248,8 +248,8 @@ def test_adp_budget_split_and_recompacted_positions(engine):
 
 
 def test_adp_first_three_chunks_dense_in_a_stream(engine):
-    from prunebench.runner import run_stream
-    from prunebench.streams import SyntheticStream
+    from prunebench.evaluation.runner import run_stream
+    from prunebench.evaluation.streams import SyntheticStream
 
     s = MANAGER.create("adp")
     results = run_stream(engine, s, SyntheticStream(n_queries=6, image_size=32))

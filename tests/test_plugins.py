@@ -4,8 +4,8 @@ import optuna
 import pytest
 
 import prunebench
-from prunebench.errors import PluginError
-from prunebench.plugins import MANAGER, PluginManager
+from prunebench.contract.errors import PluginError
+from prunebench.plugins.manager import MANAGER, PluginManager
 from tests.helpers import StrategyPlugin
 
 BASELINES = {"none", "random", "downsample", "fastv", "specprune-vla", "vla-pruner", "adp"}
@@ -14,8 +14,8 @@ BASELINES = {"none", "random", "downsample", "fastv", "specprune-vla", "vla-prun
 def test_builtins_register_through_the_hook():
     assert BASELINES <= set(MANAGER.strategies())
     rows = {r["name"]: r for r in MANAGER.plugins()}
-    assert rows["strategies.random"]["hooks"] == ["prunebench_register_strategies"]
-    assert rows["strategies.fastv"]["strategies"] == ["fastv"]
+    assert rows["prunebench.strategies.random"]["hooks"] == ["prunebench_register_strategies"]
+    assert rows["prunebench.strategies.fastv"]["strategies"] == ["fastv"]
 
 
 def write_fake_distribution(root, module: str, body: str, dist="prunebench-fake"):
@@ -91,8 +91,8 @@ def test_a_plugin_that_fails_to_import_is_skipped_with_one_warning(tmp_path, mon
 
 
 def test_plugins_command_lists_a_broken_plugin(tmp_path, monkeypatch, capsys):
-    from prunebench import plugins
-    from prunebench.cli import main
+    from prunebench.plugins import manager as plugins
+    from prunebench.cli.main import main
 
     write_fake_distribution(tmp_path, "broken_plugin", "raise ImportError('no such thing')")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -105,10 +105,10 @@ def test_plugins_command_lists_a_broken_plugin(tmp_path, monkeypatch, capsys):
 
 def test_the_dense_baseline_is_core_not_a_plugin(monkeypatch):
     """Blocking every built-in plugin leaves the dense baseline; no plugin may take its name."""
-    from prunebench.baseline import Dense
+    from prunebench.plugins.dense import Dense
 
     monkeypatch.setenv("PRUNEBENCH_DISABLED_PLUGINS", ",".join(
-        ["strategies.none", "strategies.random", "strategies.fastv"]))
+        ["strategies.none", "prunebench.strategies.random", "prunebench.strategies.fastv"]))
     pm = PluginManager()
     assert pm.get("none") is Dense and "random" not in pm.strategies()
 

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from prunebench import Strategy
-from prunebench.errors import PrunebenchError
-from prunebench.plugins import MANAGER
-from prunebench.replay import RecordedStream, StreamRecorder, replay, stream_files
-from prunebench.streams import SyntheticStream
+from prunebench.contract.errors import PrunebenchError
+from prunebench.plugins.manager import MANAGER
+from prunebench.evaluation.replay import RecordedStream, StreamRecorder, replay, stream_files
+from prunebench.evaluation.streams import SyntheticStream
 
 
 @pytest.fixture

@@ -2,9 +2,9 @@
 
 import pytest
 
-from prunebench.results import (ClosedLoopQuery, EpisodeResult, EvalResults, StrategyInfo,
+from prunebench.evaluation.results import (ClosedLoopQuery, EpisodeResult, EvalResults, StrategyInfo,
                                 read_eval_results, write_json)
-from prunebench.metrics import wilson_interval
+from prunebench.evaluation.metrics import wilson_interval
 
 
 def test_wilson_interval_known_values():

@@ -1,8 +1,8 @@
 import torch
 
-from prunebench.interface import Budget
-from prunebench.layout import TokenLayout
-from prunebench.selection import (max_min_diverse, max_min_diverse_per_view, rank_in_view, top_k,
+from prunebench.contract.interface import Budget
+from prunebench.contract.layout import TokenLayout
+from prunebench.contract.selection import (max_min_diverse, max_min_diverse_per_view, rank_in_view, top_k,
                                   top_k_per_view, top_k_under_budget, uniform_grid)
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from prunebench.envs.libero import libero_available
-from prunebench.interrupts import Interrupted, exit_code
+from prunebench.evaluation.libero_env import libero_available
+from prunebench.runtime.interrupts import Interrupted, exit_code
 
 pytestmark = [pytest.mark.libero,
               pytest.mark.skipif(not libero_available(), reason="LIBERO not installed (extra 'libero')")]
@@ -44,7 +44,7 @@ def alive(pid: int) -> bool:
 def test_a_signal_stops_every_worker_and_keeps_finished_episodes(tmp_path, signum):
     out = tmp_path / "run.json"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "prunebench.cli", "run", "--suite", "libero_object", "--tasks", "0",
+        [sys.executable, "-m", "prunebench.cli.main", "run", "--suite", "libero_object", "--tasks", "0",
          "--episodes", "6", "--workers", "2", "--strategy", "none", "--render-quality", "fast",
          "--fast-reset", "-o", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)

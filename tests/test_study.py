@@ -12,9 +12,9 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from prunebench.cli import main
-from prunebench.pareto import hypervolume, pareto_mask, trials_table
-from prunebench.study import (StudyDefinition, StudyRunner, default_params, load_study_definition,
+from prunebench.cli.main import main
+from prunebench.study.pareto import hypervolume, pareto_mask, trials_table
+from prunebench.study.core import (StudyDefinition, StudyRunner, default_params, load_study_definition,
                               open_storage, study_name)
 
 
@@ -67,7 +67,7 @@ def test_bad_definitions_get_one_line_errors(tmp_path, capsys, fields, message):
 
 
 def test_paper_defaults_map_to_parameters():
-    from prunebench.study import StrategySearch
+    from prunebench.study.core import StrategySearch
 
     assert default_params("fastv", StrategySearch()) == {"keep_ratio": 0.5, "rows": "last"}
     narrowed = StrategySearch(space={"keep_ratio": [0.6, 0.9]})
@@ -145,8 +145,8 @@ def test_rerun_adds_nothing_and_more_trials_resume(finished_study, tmp_path, cap
 
 
 def test_every_plot_renders(finished_study, tmp_path):
-    from prunebench.cli_study import _table
-    from prunebench.plots import quality_vs_keep_ratio, speedup_per_suite
+    from prunebench.cli.study import _table
+    from prunebench.study.plots import quality_vs_keep_ratio, speedup_per_suite
 
     defn, path = finished_study
     assert main(["plot", path, "-o", str(tmp_path / "plots"), "--queries", "3"]) == 0
@@ -171,7 +171,7 @@ def test_every_plot_renders(finished_study, tmp_path):
 
 # --------------------------------------------------------------------------- crash and workers
 def _study_cli(*args) -> list[str]:
-    return [sys.executable, "-m", "prunebench.cli", "study", *args]
+    return [sys.executable, "-m", "prunebench.cli.main", "study", *args]
 
 
 def running_trial(defn, deadline: float, min_complete: int = 1):
@@ -251,7 +251,7 @@ def test_other_samplers_run(tmp_path, sampler):
 
 @pytest.mark.libero
 def test_front_is_validated_in_closed_loop(tmp_path):
-    from prunebench.envs.libero import libero_available
+    from prunebench.evaluation.libero_env import libero_available
 
     if not libero_available():
         pytest.skip("LIBERO not installed (extra 'libero')")
@@ -272,7 +272,7 @@ def test_front_is_validated_in_closed_loop(tmp_path):
 
 
 def test_a_failing_trial_is_one_line_and_keeps_its_traceback(tmp_path, monkeypatch, capsys):
-    from prunebench import study as study_module
+    from prunebench.study import core as study_module
 
     real = study_module.Evaluator.__call__
 

@@ -14,8 +14,8 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from prunebench.cli import main
-from prunebench.study import StudyRunner, load_study_definition, open_storage, open_study, study_name
+from prunebench.cli.main import main
+from prunebench.study.core import StudyRunner, load_study_definition, open_storage, open_study, study_name
 from tests.test_study import _study_cli, complete_trials, running_trial, write_definition
 
 
@@ -224,7 +224,7 @@ def test_a_running_trial_of_a_gone_worker_is_retried_and_another_host_s_is_named
     def sleep(seconds):
         raise Waited
 
-    monkeypatch.setattr("prunebench.study.time.sleep", sleep)
+    monkeypatch.setattr("prunebench.study.core.time.sleep", sleep)
     with pytest.raises(Waited):  # the other host's trial makes up the count: wait for it, and say so
         runner._fill(study, "random")
     states = [t.state for t in study.get_trials()]
@@ -237,7 +237,7 @@ def test_a_running_trial_of_a_gone_worker_is_retried_and_another_host_s_is_named
 # --------------------------------------------------------------------------- the whole definition
 @pytest.mark.libero
 def test_closed_loop_tasks_are_checked_against_the_suite(tmp_path, capsys):
-    from prunebench.envs.libero import libero_available
+    from prunebench.evaluation.libero_env import libero_available
 
     if not libero_available():
         pytest.skip("LIBERO not installed (extra 'libero')")

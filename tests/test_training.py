@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from prunebench.models import load_model
-from prunebench.training import (Samples, TrainConfig, augment, batches, bounds, load_samples,
+from prunebench.training.train import (Samples, TrainConfig, augment, batches, bounds, load_samples,
                                  switch_weights, train)
 
 from tests.conftest import TINY
@@ -14,7 +14,7 @@ INSTRUCTIONS = ["pick up the ketchup and place it in the basket",
 
 
 def write_demo(path, seed: int, steps: int = 24, render_every: int = 3, size: int = 32) -> None:
-    """A demo file shaped like prunebench.demos writes: rotation constant, gripper +-1. Each task
+    """A demo file shaped like prunebench.training.demos writes: rotation constant, gripper +-1. Each task
     has its own scene (dark or bright) and instruction, and its own motion."""
     rng = np.random.default_rng(seed)
     task = seed % 2
@@ -111,7 +111,7 @@ def test_training_is_reproducible_and_saves_a_loadable_policy(tmp_path):
 
 
 def test_training_learns_what_the_inputs_say(tmp_path):
-    from prunebench.interface import Observation
+    from prunebench.contract.interface import Observation
 
     cfg = tiny_config(tmp_path, steps=200, eval_every=50, lr=1e-3, warmup=10, val_fraction=0.0)
     summary = train(cfg, tmp_path / "w.safetensors", log=lambda m: None)

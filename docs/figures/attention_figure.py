@@ -5,7 +5,7 @@
 Renders one official initial state (after the 10 wait steps), then asks the policy with the task's
 own instruction and with the instruction naming another object in the same scene. For each, the
 task words' attention to every visual token (softmax over all keys, averaged over heads, rows and
-layers; prunebench.signals) is drawn over both camera views. Writes
+layers; prunebench.engine.signals) is drawn over both camera views. Writes
 docs/figures/attention_two_instructions.png.
 """
 
@@ -21,10 +21,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from prunebench.envs.libero import WAIT_ACTION, WAIT_STEPS, LiberoEnv, tasks  # noqa: E402
-from prunebench.interface import Observation  # noqa: E402
+from prunebench.evaluation.libero_env import WAIT_ACTION, WAIT_STEPS, LiberoEnv, tasks  # noqa: E402
+from prunebench.contract.interface import Observation  # noqa: E402
 from prunebench.models import load_model  # noqa: E402
-from prunebench.signals import attention_to_visual  # noqa: E402
+from prunebench.engine.signals import attention_to_visual  # noqa: E402
 
 OUT = Path(__file__).with_name("attention_two_instructions.png")
 

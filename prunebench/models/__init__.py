@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from prunebench.errors import PrunebenchError
+from prunebench.contract.errors import PrunebenchError
 from prunebench.models.mini_oft import MiniOFT, MiniOFTConfig
 
 BUILTIN_WEIGHTS = "weights/mini_oft.safetensors"

@@ -31,11 +31,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlamaConfig, LlamaModel
 
-from prunebench.config import one_line
-from prunebench.errors import PrunebenchError
-from prunebench.interface import Observation
-from prunebench.layout import TokenLayout
-from prunebench.llama_compat import forward_bidirectional, make_bidirectional
+from prunebench.evaluation.config import one_line
+from prunebench.contract.errors import PrunebenchError
+from prunebench.contract.interface import Observation
+from prunebench.contract.layout import TokenLayout
+from prunebench.engine.transformers_compat import forward_bidirectional, make_bidirectional
 from prunebench.models.tokenizer import WordTokenizer
 
 

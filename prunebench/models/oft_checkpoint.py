@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from prunebench.config import parse_file
-from prunebench.errors import PrunebenchError
+from prunebench.evaluation.config import parse_file
+from prunebench.contract.errors import PrunebenchError
 from prunebench.models.openvla_oft import OFTSpec, OpenVLAOFT
 
 HEAD_FILES = {"proprio_projector": "proprio_projector--{step}_checkpoint.pt",

@@ -15,7 +15,7 @@ Each vision tower returns its second-to-last block's patch tokens (OFT calls tim
 ``get_intermediate_layers``; we simply do not build the last block, whose output is never used).
 The engine owns the LLM layer loop: the adapter only encodes an observation into the OFT sequence
 (BOS | 256 + 256 patches | proprio | prompt | 56 zero action slots | STOP) and reads actions out.
-Bidirectional attention is enforced by prunebench.llama_compat on every transformers release.
+Bidirectional attention is enforced by prunebench.engine.transformers_compat on every transformers release.
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 from transformers import LlamaConfig, LlamaModel
 
-from prunebench.errors import PrunebenchError
-from prunebench.interface import Observation
-from prunebench.layout import TokenLayout
-from prunebench.llama_compat import forward_bidirectional, make_bidirectional
+from prunebench.contract.errors import PrunebenchError
+from prunebench.contract.interface import Observation
+from prunebench.contract.layout import TokenLayout
+from prunebench.engine.transformers_compat import forward_bidirectional, make_bidirectional
 from prunebench.models.mini_oft import Encoded, patch_pixels
 
 PROMPT = "In: What action should the robot take to {task}?\nOut:"

