@@ -22,18 +22,18 @@ import sys
 
 import numpy as np
 
-from prunebench.evaluation import metrics
-from prunebench.plugins.dense import DENSE, Dense
-from prunebench.evaluation.tables import format_table
-from prunebench.evaluation.config import parse_overrides
 from prunebench.engine.loop import PruningEngine
-from prunebench.models import load_model
-from prunebench.models.mini_oft import MiniOFT, MiniOFTConfig
-from prunebench.plugins.manager import MANAGER
+from prunebench.evaluation import metrics
 from prunebench.evaluation.results import write_json
 from prunebench.evaluation.runner import run_interleaved
 from prunebench.evaluation.streams import SyntheticStream
-from prunebench.runtime.versions import environment
+from prunebench.evaluation.tables import format_table
+from prunebench.evaluation.versions import environment
+from prunebench.models import load_model
+from prunebench.models.mini_oft import MiniOFT, MiniOFTConfig
+from prunebench.plugins.dense import DENSE, Dense
+from prunebench.plugins.manager import MANAGER
+from prunebench.runtime.inputs import parse_overrides
 
 KEEP_RATIOS = (1.0, 0.75, 0.5, 0.25)
 # the shape of the first built-in model: 12x12 patches per view, the LLM most of a query
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     names = args.strategies or MANAGER.builtin_strategies()
     variants = {(DENSE, 1.0, "dense"): Dense()}
     for name in names:
-        paper = paper_variants(name, model.cfg.n_layers)
+        paper = paper_variants(name, model.n_layers)
         if paper is not None:
             for where, keep, config in paper:
                 variants[(name, keep, where)] = MANAGER.create(name, {**config, **{

@@ -35,12 +35,12 @@ import sys
 import numpy as np
 import torch
 
-from prunebench.evaluation.tables import format_table
 from prunebench.engine.loop import PruningEngine
-from prunebench.models import load_model
-from prunebench.plugins.manager import MANAGER
 from prunebench.evaluation.runner import run_stream
 from prunebench.evaluation.streams import SyntheticStream
+from prunebench.evaluation.tables import format_table
+from prunebench.models import load_model
+from prunebench.plugins.manager import MANAGER
 
 KEEP_RATIOS = (0.25, 0.5)
 # (label, config) beyond the paper default and the keep ratios: paths a refactor might break
@@ -93,7 +93,8 @@ def run(n_queries: int, seed: int) -> dict:
 
 def run_closed_loop(seed: int, max_steps: int | None) -> dict:
     """One closed-loop episode per strategy: kept indices per query, executed actions, outcome."""
-    from prunebench.evaluation.closed_loop import EpisodeRunner, EvalConfig, Job
+    from prunebench.evaluation.closed_loop import EvalConfig
+    from prunebench.evaluation.episode import EpisodeRunner, Job
     from prunebench.evaluation.libero_env import LiberoEnv
 
     out = {}

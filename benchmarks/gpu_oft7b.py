@@ -25,17 +25,17 @@ import time
 import torch
 from pydantic import BaseModel
 
-from prunebench.evaluation import metrics
-from prunebench.plugins.dense import DENSE
-from prunebench.evaluation.tables import compare_rows, format_table
 from prunebench.engine.loop import PruningEngine
-from prunebench.models.oft_tiny import build_tiny_oft, tiny_norm_stats, tiny_tokenizer
-from prunebench.models.openvla_oft import OFTSpec, OpenVLAOFT
-from prunebench.plugins.manager import MANAGER
+from prunebench.evaluation import metrics
 from prunebench.evaluation.results import write_json
 from prunebench.evaluation.runner import run_interleaved
 from prunebench.evaluation.streams import SyntheticStream
-from prunebench.runtime.versions import environment
+from prunebench.evaluation.tables import compare_rows, format_table
+from prunebench.evaluation.versions import environment
+from prunebench.models.oft_tiny import build_tiny_oft, tiny_norm_stats, tiny_tokenizer
+from prunebench.models.openvla_oft import OFTSpec, OpenVLAOFT
+from prunebench.plugins.dense import DENSE
+from prunebench.plugins.manager import MANAGER
 
 LLAMA2_7B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
              "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32064,

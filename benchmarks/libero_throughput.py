@@ -24,9 +24,9 @@ import tempfile
 from pathlib import Path
 
 from prunebench.evaluation.closed_loop import EvalConfig, evaluate
-from prunebench.evaluation.tables import format_table
 from prunebench.evaluation.results import write_json
-from prunebench.runtime.versions import environment
+from prunebench.evaluation.tables import format_table
+from prunebench.evaluation.versions import environment
 
 
 def main(argv=None) -> int:

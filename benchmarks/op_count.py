@@ -20,12 +20,12 @@ from collections import Counter
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from prunebench.evaluation.tables import format_table
 from prunebench.engine.loop import PruningEngine
-from prunebench.models import load_model
-from prunebench.plugins.manager import MANAGER
 from prunebench.evaluation.runner import run_stream
 from prunebench.evaluation.streams import SyntheticStream
+from prunebench.evaluation.tables import format_table
+from prunebench.models import load_model
+from prunebench.plugins.manager import MANAGER
 
 
 class OpCounter(TorchDispatchMode):

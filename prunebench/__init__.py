@@ -1,15 +1,29 @@
 """prunebench: compare visual-token pruning strategies for VLA models on equal terms.
 
-Public API for strategy authors: the interface (``Strategy``, ``StrategyConfig``, ``PrunePlan``,
-``Stage``, ``Budget``, signal requests), the ``TokenLayout`` and ``hookimpl``.
+The public contract (the sub-package ``prunebench.contract``), re-exported here: for strategy
+authors the interface (``Strategy``, ``StrategyConfig``, ``PrunePlan``, ``Stage``, ``Budget``, signal
+requests), the ``TokenLayout`` and ``hookimpl``; for model authors ``VLAModel``, ``Encoded`` and
+``ModelFamily``. docs/architecture.md draws the layers.
 """
 
 from prunebench.contract.errors import EngineError, PluginError, PrunebenchError, StrategyError
-from prunebench.plugins.hookspecs import hookimpl
-from prunebench.contract.interface import (BEFORE_LLM, EMBEDDINGS, PIXELS, Budget, EnvStep, EpisodeInfo,
-                                  Observation, PrunePlan, QueryContext, SignalRequest, Signals, Stage,
-                                  Strategy, StrategyConfig, attention, qk_logits, scale_layer)
 from prunebench.contract.layout import TokenLayout, ViewSpan
+from prunebench.contract.model import Encoded, ModelFamily, VLAModel
+from prunebench.contract.plan import (
+                                      BEFORE_LLM,
+                                      EMBEDDINGS,
+                                      PIXELS,
+                                      Budget,
+                                      PrunePlan,
+                                      SignalRequest,
+                                      Signals,
+                                      Stage,
+                                      attention,
+                                      qk_logits,
+                                      scale_layer,
+)
+from prunebench.contract.strategy import EnvStep, EpisodeInfo, Observation, QueryContext, Strategy, StrategyConfig
+from prunebench.plugins.hookspecs import hookimpl
 
 __version__ = "0.1.0"
 
@@ -17,5 +31,5 @@ __all__ = [
     "BEFORE_LLM", "EMBEDDINGS", "PIXELS", "Budget", "EngineError", "EnvStep", "EpisodeInfo",
     "Observation", "PluginError", "PrunePlan", "PrunebenchError", "QueryContext", "SignalRequest",
     "Signals", "Stage", "Strategy", "StrategyConfig", "StrategyError", "TokenLayout", "ViewSpan",
-    "attention", "hookimpl", "qk_logits", "scale_layer",
+    "attention", "hookimpl", "qk_logits", "scale_layer", "Encoded", "ModelFamily", "VLAModel",
 ]

@@ -14,4 +14,4 @@ class KeepAtPointConfig(StrategyConfig):
     @classmethod
     def search_space(cls, trial):
         return cls(keep_ratio=trial.suggest_float("keep_ratio", 0.1, 1.0),
-                   after_layer=trial.suggest_int("after_layer", BEFORE_LLM, 2))
+                   after_layer=trial.suggest_int("after_layer", BEFORE_LLM, trial.n_layers // 2))

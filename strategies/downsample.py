@@ -9,8 +9,8 @@ import torch
 
 import prunebench
 from prunebench import Budget, PrunePlan, Stage, Strategy
+from prunebench.selection import uniform_grid
 from prunebench.strategies.common import KeepAtPointConfig
-from prunebench.contract.selection import uniform_grid
 
 
 class DownsampleConfig(KeepAtPointConfig):

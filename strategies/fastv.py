@@ -25,7 +25,7 @@ class FastVConfig(StrategyConfig):
     @classmethod
     def search_space(cls, trial):
         return cls(keep_ratio=trial.suggest_float("keep_ratio", 0.1, 1.0),
-                   layer=trial.suggest_int("layer", 0, 2),
+                   layer=trial.suggest_int("layer", 0, trial.n_layers // 2),
                    rows=trial.suggest_categorical("rows", ["last", "prefill", "text"]))
 
 

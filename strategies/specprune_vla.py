@@ -42,7 +42,7 @@ from pydantic import Field
 
 import prunebench
 from prunebench import PrunePlan, Stage, Strategy, StrategyConfig, attention, scale_layer
-from prunebench.contract.selection import rank_in_view, top_k, top_k_per_view, top_ks_per_view, union
+from prunebench.selection import rank_in_view, top_k, top_k_per_view, top_ks_per_view, union
 
 STATIC0, STATIC1, DYNAMIC = "static0", "static1", "dynamic"
 

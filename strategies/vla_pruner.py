@@ -24,7 +24,7 @@ from pydantic import Field
 
 import prunebench
 from prunebench import EMBEDDINGS, Budget, PrunePlan, Stage, Strategy, StrategyConfig, attention, scale_layer
-from prunebench.contract.selection import max_min_diverse_per_view, top_k_per_view, union
+from prunebench.selection import max_min_diverse_per_view, top_k_per_view, union
 
 
 class VLAPrunerConfig(StrategyConfig):
@@ -42,8 +42,8 @@ class VLAPrunerConfig(StrategyConfig):
     @classmethod
     def search_space(cls, trial):
         return cls(keep_ratio=trial.suggest_float("keep_ratio", 0.05, 0.75),
-                   prune_layer=trial.suggest_int("prune_layer", 0, 2),
-                   action_layer=trial.suggest_int("action_layer", 1, 3),
+                   prune_layer=trial.suggest_int("prune_layer", 0, trial.n_layers // 2),
+                   action_layer=trial.suggest_int("action_layer", 1, trial.n_layers - 1),
                    window=trial.suggest_int("window", 1, 5),
                    decay=trial.suggest_float("decay", 0.3, 1.0))
 
@@ -89,14 +89,8 @@ class VLAPruner(Strategy):
         return PrunePlan((Stage(layer, budget),), tuple(dict.fromkeys(signals)))
 
     def score(self, stage, signals, ctx):
-        """Semantic scores; the action scores and embeddings are kept for ``select``."""
-        c = self.config
-        if c.current_action_attention:
-            self.action = signals[attention(stage.after_layer, "action")]
-        else:
-            self.action = smooth(list(self.history), c.decay, c.release_oldest_weighted_most)
-        self.embeddings = signals[EMBEDDINGS]
-        return signals[attention(stage.after_layer, c.rows)]
+        """Semantic scores (``select`` reads the action scores and embeddings itself)."""
+        return signals[attention(stage.after_layer, self.config.rows)]
 
     def select(self, stage, scores, ctx, layout):
         """Per view (all views at once): union of the top-k sets, then back to k."""
@@ -106,10 +100,14 @@ class VLAPruner(Strategy):
         if c.mode != "action":
             sets.append(top_k_per_view(scores, quotas, layout))
         if c.mode != "semantic":
-            sets.append(top_k_per_view(self.action, quotas, layout))
+            if c.current_action_attention:
+                action = ctx.signals[attention(stage.after_layer, "action")]
+            else:
+                action = smooth(list(self.history), c.decay, c.release_oldest_weighted_most)
+            sets.append(top_k_per_view(action, quotas, layout))
         candidates = union(*sets)
         if c.diversity:
-            return max_min_diverse_per_view(candidates, self.embeddings, quotas, layout)
+            return max_min_diverse_per_view(candidates, ctx.signals[EMBEDDINGS], quotas, layout)
         return top_k_per_view(scores, quotas, layout, among=candidates)  # semantic scores decide
 
     def on_forward_end(self, signals, record) -> None:

@@ -1,6 +1,5 @@
 import json
 
-
 from prunebench.cli.main import main
 from prunebench.evaluation.results import read_results
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from prunebench import PrunePlan, Strategy
-from prunebench.evaluation.closed_loop import EpisodeRunner, EvalConfig, Job, postprocess_action
+from prunebench.evaluation.closed_loop import EvalConfig
+from prunebench.evaluation.episode import EpisodeRunner, Job, postprocess_action
 from prunebench.evaluation.libero_env import WAIT_STEPS, SimulationError, StepState
 from tests.helpers import registered
 
@@ -135,8 +136,8 @@ def test_action_readout_convention():
 
 
 def test_bad_eval_config_is_one_line_error_naming_the_field():
-    from prunebench.evaluation.closed_loop import load_eval_config
     from prunebench.contract.errors import PrunebenchError
+    from prunebench.evaluation.closed_loop import load_eval_config
 
     with pytest.raises(PrunebenchError, match="field 'episodes'"):
         load_eval_config(None, strategy="none", episodes=0)

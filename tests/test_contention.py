@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from prunebench.cli.main import main
-from prunebench.evaluation.closed_loop import EpisodeRunner, EvalConfig, Job, _run_pool, print_summary
+from prunebench.evaluation.closed_loop import EvalConfig, _run_pool, print_summary
 from prunebench.evaluation.contention import CPU_SHARE_MIN, LOAD_PER_CORE, default_threads, judge, of_records
-from prunebench.evaluation.results import (ClosedLoopQuery, EpisodeResult, EvalResults, StrategyInfo, read_results)
+from prunebench.evaluation.episode import EpisodeRunner, Job
+from prunebench.evaluation.results import ClosedLoopQuery, EpisodeResult, EvalResults, StrategyInfo, read_results
 
 
 @pytest.fixture(autouse=True)
@@ -117,7 +118,8 @@ def test_a_stream_run_names_threads_device_plugin_and_contention(tmp_path, capsy
     assert results.environment["torch_threads"] == 1 and results.environment["device"] == "cpu"
     assert results.environment["git_hash"] is None or len(results.environment["git_hash"]) == 40
     info = results.strategy
-    assert (info.plugin, info.distribution, info.version) == ("prunebench.strategies.random", "prunebench", own_version())
+    assert (info.plugin, info.distribution, info.version) == ("prunebench.strategies.random", "prunebench",
+                                                              own_version())
     assert results.contention.n_queries == 3 and len(results.contention.load_avg) == 2
     assert all(q.cpu_ms > 0 for q in results.queries)
 
@@ -135,19 +137,20 @@ def test_the_stream_comparison_flags_contention_and_names_each_strategy(tmp_path
 
 
 def test_a_replay_report_names_what_produced_it(engine):
-    from prunebench.plugins.manager import MANAGER
     from prunebench.evaluation.replay import replay
     from prunebench.evaluation.streams import SyntheticStream
+    from prunebench.plugins.manager import MANAGER
 
     stream = SyntheticStream(n_queries=2, seed=0, image_size=32)
     report = replay(engine, MANAGER.create("random"), [stream], name="random")
-    assert report.strategy_info.distribution == "prunebench" and report.strategy_info.plugin == "prunebench.strategies.random"
+    info = report.strategy_info
+    assert info.distribution == "prunebench" and info.plugin == "prunebench.strategies.random"
     assert report.environment["device"] == "cpu" and report.environment["torch_threads"] == torch.get_num_threads()
     assert report.contention.n_queries == 4  # the dense and the pruned forwards
 
 
 def test_study_evaluation_threads_reach_the_closed_loop_config():
-    from prunebench.study.core import Evaluation
+    from prunebench.study.definition import Evaluation
 
     assert Evaluation(threads=1, closed_loop={"suite": "libero_object"}).eval_config("none", {}, 0).threads == 1
     with pytest.raises(ValueError, match="closed_loop.threads is set by the study"):
@@ -156,8 +159,8 @@ def test_study_evaluation_threads_reach_the_closed_loop_config():
 
 # --------------------------------------------------------------------------- device
 def test_the_device_recorded_is_where_the_weights_are(tiny_model):
+    from prunebench.evaluation.versions import environment
     from prunebench.models import MiniOFT, model_device
-    from prunebench.runtime.versions import environment
     from tests.conftest import TINY
 
     assert model_device(tiny_model) == "cpu"

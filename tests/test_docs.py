@@ -236,7 +236,7 @@ def test_the_checker_catches_made_up_commands_and_flags():
 
 def test_example_study_writes_under_ignored_results():
     """The example study's storage, trial results and plots go to results/, not into docs/."""
-    from prunebench.study.core import load_study_definition
+    from prunebench.study.definition import load_study_definition
 
     defn = load_study_definition(ROOT / "studies" / "object_pareto.yaml")
     assert defn.results_path.parts[0] == "results"

@@ -1,14 +1,20 @@
 import pytest
 import torch
 
-from prunebench import BEFORE_LLM, PrunePlan, Stage, StrategyError, attention
-from prunebench.engine.loop import PruningEngine
+import prunebench
+from prunebench import BEFORE_LLM, Budget, PrunePlan, Stage, Strategy, StrategyConfig, StrategyError, attention
 from prunebench.contract.errors import EngineError
 from prunebench.contract.layout import ROW_GROUPS
-from prunebench.engine.transformers_compat import (HAS_ATTENTION_REGISTRY, attention_scaling, forward_bidirectional, rotary,
-                                     run_layer)
-from prunebench.plugins.manager import MANAGER
+from prunebench.engine.loop import PruningEngine
 from prunebench.engine.signals import attention_to_visual
+from prunebench.engine.transformers_compat import (
+    HAS_ATTENTION_REGISTRY,
+    attention_scaling,
+    forward_bidirectional,
+    rotary,
+    run_layer,
+)
+from prunebench.plugins.manager import MANAGER
 from tests.conftest import TINY, make_observation
 from tests.helpers import FixedPlan, first_k, keep_all
 
@@ -365,3 +371,50 @@ def test_signals_with_grouped_kv_heads():
         logits = ((q @ k.transpose(-1, -2)) * attention_scaling(attn)).mean(dim=(0, 1, 2))
         logits = logits[layout.visual_slots()]
         assert torch.allclose(qk_logits_to_visual(layer, h, layout, "language"), logits, atol=1e-6)
+
+
+class _SeesLayouts(Strategy):
+    """Two stages; records what score() and select() see at each."""
+
+    name = "sees-layouts"
+
+    def __init__(self):
+        super().__init__(StrategyConfig())
+        self.seen = []
+
+    def schedule(self, ctx):
+        return PrunePlan((Stage(0, Budget(keep_ratio=0.5)), Stage(1, Budget(keep_ratio=0.25))),
+                         (prunebench.attention(0, "text"),))
+
+    def score(self, stage, signals, ctx):
+        self.seen.append(("score", stage.after_layer, ctx.current_layout.n_present_visual()))
+        return torch.arange(ctx.layout.n_visual, dtype=torch.float32)
+
+    def select(self, stage, scores, ctx, layout):
+        present = ctx.current_layout.n_present_visual()
+        assert layout.n_present_visual() == present  # select's layout is the one score saw
+        assert prunebench.attention(0, "text") in ctx.signals  # select reads signals from ctx
+        self.seen.append(("select", stage.after_layer, present))
+        return super().select(stage, scores, ctx, layout)
+
+
+def test_score_and_select_see_the_current_layout_and_the_signals(engine, obs):
+    strategy = _SeesLayouts()
+    n = engine.model.encode(obs).layout.n_visual
+    engine.query(strategy, obs)
+    half = round(0.5 * n)
+    assert strategy.seen == [("score", 0, n), ("select", 0, n), ("score", 1, half), ("select", 1, half)]
+
+
+def test_a_stage_without_budget_on_the_default_select_is_a_strategy_error(engine, obs):
+    class NoBudget(Strategy):
+        name = "no-budget"
+
+        def schedule(self, ctx):
+            return PrunePlan((Stage(0),))
+
+        def score(self, stage, signals, ctx):
+            return torch.zeros(ctx.layout.n_visual)
+
+    with pytest.raises(StrategyError, match="'no-budget'.*after_layer_0 has no budget"):
+        engine.query(NoBudget(), obs)

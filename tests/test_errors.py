@@ -8,8 +8,9 @@ import torch
 
 import prunebench
 from prunebench import BEFORE_LLM, Budget, PrunePlan, Stage, Strategy, attention
-from prunebench.evaluation.closed_loop import EpisodeRunner, EvalConfig, Job
 from prunebench.contract.errors import RunAborted, StrategyError
+from prunebench.evaluation.closed_loop import EvalConfig
+from prunebench.evaluation.episode import EpisodeRunner, Job
 from prunebench.evaluation.results import EvalResults, StrategyInfo
 from tests.helpers import registered
 from tests.test_closed_loop import FakeEnv

@@ -45,12 +45,12 @@ def test_render_at_query_matches_the_stock_camera_observation():
 
 
 def test_full_loop_writes_results_and_a_replayable_stream(tmp_path):
-    from prunebench.evaluation.closed_loop import evaluate
     from prunebench.engine.loop import PruningEngine
-    from prunebench.models import load_model
-    from prunebench.plugins.manager import MANAGER
+    from prunebench.evaluation.closed_loop import evaluate
     from prunebench.evaluation.replay import RecordedStream, replay
     from prunebench.evaluation.results import read_eval_results
+    from prunebench.models import load_model
+    from prunebench.plugins.manager import MANAGER
 
     cfg = short_run(tmp_path, record_dir=str(tmp_path / "streams"), record_history=2,
                     video_dir=str(tmp_path / "videos"))

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 
 from prunebench.evaluation import metrics
-from prunebench.plugins.dense import Dense
-from prunebench.evaluation.tables import compare_rows
-from prunebench.plugins.manager import MANAGER
 from prunebench.evaluation.replay import replay
 from prunebench.evaluation.runner import run_interleaved
 from prunebench.evaluation.streams import SyntheticStream
+from prunebench.evaluation.tables import compare_rows
+from prunebench.plugins.dense import Dense
+from prunebench.plugins.manager import MANAGER
 
 
 def test_definitions_on_hand_computed_values():
@@ -47,7 +47,7 @@ def test_action_error_means_the_same_in_compare_and_replay(engine):
 
 def test_a_study_objective_against_dense_needs_the_dense_reference(tmp_path):
     from prunebench.contract.errors import PrunebenchError
-    from prunebench.study.core import load_study_definition
+    from prunebench.study.definition import load_study_definition
 
     path = tmp_path / "s.yaml"
     path.write_text("name: s\nstrategies: {random: {}}\nobjectives: [success_rate, action_error]\n"

@@ -9,13 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from prunebench.engine.loop import PruningEngine
 from prunebench.contract.errors import PrunebenchError
-from prunebench.contract.interface import Observation
+from prunebench.contract.strategy import Observation
+from prunebench.engine.loop import PruningEngine
 from prunebench.models import load_model
 from prunebench.models.oft_checkpoint import load_oft, unnorm_key
+from prunebench.models.oft_images import center_crop, oft_frame
+from prunebench.models.oft_modules import VISION_BACKBONES, VisionTower
 from prunebench.models.oft_tiny import build_tiny_oft, tiny_norm_stats, write_tiny_checkpoint
-from prunebench.models.openvla_oft import VISION_BACKBONES, VisionTower, center_crop, oft_frame
 from prunebench.plugins.manager import MANAGER
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from prunebench.runtime import outputs
 from prunebench.cli.main import main
 from prunebench.contract.errors import PrunebenchError
 from prunebench.evaluation.results import read_eval_results, read_results, write_json
+from prunebench.runtime import outputs
 
 STAMP = "20250101T120000"
 
@@ -28,8 +28,8 @@ def tiny(tmp_path, tiny_model):
 @pytest.fixture
 def fake_libero(monkeypatch):
     """Closed-loop runs without the simulator: one task with 50 init states, FakeEnv episodes."""
-    from prunebench.evaluation.closed_loop import EpisodeRunner
     from prunebench.evaluation import libero_env as libero
+    from prunebench.evaluation.episode import EpisodeRunner
     from tests.test_closed_loop import FakeEnv
 
     task = libero.TaskInfo("libero_object", 0, "fake", "pick up the alphabet soup", "", 50)
@@ -53,7 +53,7 @@ def no_work(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("work started before the output was checked")
 
-    monkeypatch.setattr("prunebench.cli.main._engine", refuse)
+    monkeypatch.setattr("prunebench.cli.arguments.build_engine", refuse)
 
 
 # --------------------------------------------------------------------------- concurrent runs

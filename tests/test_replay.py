@@ -5,9 +5,9 @@ import pytest
 
 from prunebench import Strategy
 from prunebench.contract.errors import PrunebenchError
-from prunebench.plugins.manager import MANAGER
 from prunebench.evaluation.replay import RecordedStream, StreamRecorder, replay, stream_files
 from prunebench.evaluation.streams import SyntheticStream
+from prunebench.plugins.manager import MANAGER
 
 
 @pytest.fixture

@@ -2,9 +2,15 @@
 
 import pytest
 
-from prunebench.evaluation.results import (ClosedLoopQuery, EpisodeResult, EvalResults, StrategyInfo,
-                                read_eval_results, write_json)
 from prunebench.evaluation.metrics import wilson_interval
+from prunebench.evaluation.results import (
+    ClosedLoopQuery,
+    EpisodeResult,
+    EvalResults,
+    StrategyInfo,
+    read_eval_results,
+    write_json,
+)
 
 
 def test_wilson_interval_known_values():

@@ -1,9 +1,16 @@
 import torch
 
-from prunebench.contract.interface import Budget
 from prunebench.contract.layout import TokenLayout
-from prunebench.contract.selection import (max_min_diverse, max_min_diverse_per_view, rank_in_view, top_k,
-                                  top_k_per_view, top_k_under_budget, uniform_grid)
+from prunebench.contract.plan import Budget
+from prunebench.contract.selection import (
+    max_min_diverse,
+    max_min_diverse_per_view,
+    rank_in_view,
+    top_k,
+    top_k_per_view,
+    top_k_under_budget,
+    uniform_grid,
+)
 
 
 def two_views(rows=2, cols=4):

@@ -13,9 +13,11 @@ import yaml
 from optuna.trial import TrialState
 
 from prunebench.cli.main import main
+from prunebench.study.definition import StudyDefinition, load_study_definition
 from prunebench.study.pareto import hypervolume, pareto_mask, trials_table
-from prunebench.study.core import (StudyDefinition, StudyRunner, default_params, load_study_definition,
-                              open_storage, study_name)
+from prunebench.study.space import default_params
+from prunebench.study.storage import open_storage, study_name
+from prunebench.study.workers import StudyRunner
 
 
 def write_definition(tmp_path, **fields) -> str:
@@ -67,11 +69,48 @@ def test_bad_definitions_get_one_line_errors(tmp_path, capsys, fields, message):
 
 
 def test_paper_defaults_map_to_parameters():
-    from prunebench.study.core import StrategySearch
+    from prunebench.study.definition import StrategySearch
 
     assert default_params("fastv", StrategySearch()) == {"keep_ratio": 0.5, "rows": "last"}
     narrowed = StrategySearch(space={"keep_ratio": [0.6, 0.9]})
     assert "keep_ratio" not in default_params("fastv", narrowed)  # out of the narrowed range
+
+
+def test_layer_ranges_fit_the_depth_of_the_study_model(tmp_path, tiny_path):
+    from prunebench.study.space import parameters
+
+    assert parameters("fastv", 4)["layer"] == ("int", [0, 2])  # the built-in model: as before
+    assert parameters("fastv", 32)["layer"] == ("int", [0, 16])
+    assert parameters("vla-pruner", 32)["action_layer"] == ("int", [1, 31])
+    assert parameters("random")["after_layer"] == ("int", [-1, 2])  # no model named: the built-in one
+    defn = load_study_definition(write_definition(tmp_path, evaluation={"mode": "synthetic", "queries": 3,
+                                                                       "model": tiny_path}))
+    from tests.conftest import TINY
+
+    assert defn.n_layers == TINY.n_layers
+    # a range the study's model cannot have is refused before any trial
+    bad = write_definition(tmp_path, strategies={"fastv": {"space": {"layer": [0, 40]}}})
+    assert main(["study", "run", bad]) == 2
+
+
+def test_a_definition_names_its_plugins(tmp_path, monkeypatch, capsys):
+    from prunebench.plugins import manager
+
+    monkeypatch.setattr(manager, "MANAGER", manager.PluginManager())
+    monkeypatch.delenv(manager.PLUGIN_FILES, raising=False)
+    plugin = tmp_path / "mine.py"
+    plugin.write_text("import prunebench\n"
+                      "from prunebench.strategies.random import RandomPruning\n\n"
+                      "class Mine(RandomPruning):\n    name = 'mine'\n\n"
+                      "@prunebench.hookimpl\n"
+                      "def prunebench_register_strategies(register):\n    register(Mine)\n")
+    defn = load_study_definition(write_definition(tmp_path, plugins=[str(plugin)],
+                                                  strategies={"mine": {"trials": 1}}))
+    assert "mine" in defn.strategies and str(plugin) in manager.plugin_specs()  # workers load it too
+    missing = write_definition(tmp_path, plugins=[str(tmp_path / "nope.py")], strategies={"random": {}})
+    assert main(["study", "run", missing]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "nope.py" in err and len(err.splitlines()) == 1
 
 
 # --------------------------------------------------------------------------- pareto maths
@@ -272,7 +311,7 @@ def test_front_is_validated_in_closed_loop(tmp_path):
 
 
 def test_a_failing_trial_is_one_line_and_keeps_its_traceback(tmp_path, monkeypatch, capsys):
-    from prunebench.study import core as study_module
+    from prunebench.study import evaluator as study_module
 
     real = study_module.Evaluator.__call__
 

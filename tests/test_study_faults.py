@@ -15,7 +15,9 @@ import yaml
 from optuna.trial import TrialState
 
 from prunebench.cli.main import main
-from prunebench.study.core import StudyRunner, load_study_definition, open_storage, open_study, study_name
+from prunebench.study.definition import load_study_definition
+from prunebench.study.storage import open_storage, open_study, study_name
+from prunebench.study.workers import StudyRunner
 from tests.test_study import _study_cli, complete_trials, running_trial, write_definition
 
 
@@ -224,7 +226,7 @@ def test_a_running_trial_of_a_gone_worker_is_retried_and_another_host_s_is_named
     def sleep(seconds):
         raise Waited
 
-    monkeypatch.setattr("prunebench.study.core.time.sleep", sleep)
+    monkeypatch.setattr("prunebench.study.workers.time.sleep", sleep)
     with pytest.raises(Waited):  # the other host's trial makes up the count: wait for it, and say so
         runner._fill(study, "random")
     states = [t.state for t in study.get_trials()]

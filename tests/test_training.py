@@ -4,9 +4,16 @@ import numpy as np
 import torch
 
 from prunebench.models import load_model
-from prunebench.training.train import (Samples, TrainConfig, augment, batches, bounds, load_samples,
-                                 switch_weights, train)
-
+from prunebench.training.train import (
+    Samples,
+    TrainConfig,
+    augment,
+    batches,
+    bounds,
+    load_samples,
+    switch_weights,
+    train,
+)
 from tests.conftest import TINY
 
 INSTRUCTIONS = ["pick up the ketchup and place it in the basket",
@@ -111,7 +118,7 @@ def test_training_is_reproducible_and_saves_a_loadable_policy(tmp_path):
 
 
 def test_training_learns_what_the_inputs_say(tmp_path):
-    from prunebench.contract.interface import Observation
+    from prunebench.contract.strategy import Observation
 
     cfg = tiny_config(tmp_path, steps=200, eval_every=50, lr=1e-3, warmup=10, val_fraction=0.0)
     summary = train(cfg, tmp_path / "w.safetensors", log=lambda m: None)

@@ -21,10 +21,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from prunebench.evaluation.libero_env import WAIT_ACTION, WAIT_STEPS, LiberoEnv, tasks  # noqa: E402
-from prunebench.contract.interface import Observation  # noqa: E402
-from prunebench.models import load_model  # noqa: E402
+from prunebench.contract.strategy import Observation  # noqa: E402
 from prunebench.engine.signals import attention_to_visual  # noqa: E402
+from prunebench.evaluation.libero_env import WAIT_ACTION, WAIT_STEPS, LiberoEnv, tasks  # noqa: E402
+from prunebench.models import load_model  # noqa: E402
 
 OUT = Path(__file__).with_name("attention_two_instructions.png")
 

@@ -8,7 +8,9 @@ import sys
 import time
 from pathlib import Path
 
+from prunebench.cli.arguments import add_plugin_argument, positive_int
 from prunebench.contract.errors import PrunebenchError
+from prunebench.runtime.outputs import OVERWRITE_HELP
 
 STUDY_HELP = """Optuna studies over strategy configs: accuracy-latency Pareto fronts.
 
@@ -35,8 +37,10 @@ def _log(message: str) -> None:
 
 
 def cmd_study_run(args) -> int:
-    from prunebench.study.core import StudyRunner, load_study_definition, require_studies
+    from prunebench.study.definition import load_study_definition
     from prunebench.study.guard import storage_errors
+    from prunebench.study.storage import require_studies
+    from prunebench.study.workers import StudyRunner
 
     _quiet_experimental_warnings()
     defn = load_study_definition(args.definition)
@@ -84,9 +88,10 @@ def _table(defn):
 
 def cmd_study_show(args) -> int:
     from prunebench.evaluation.tables import format_table
-    from prunebench.study.pareto import hypervolume_history
-    from prunebench.study.core import load_study_definition, require_studies
+    from prunebench.study.definition import load_study_definition
     from prunebench.study.guard import storage_errors
+    from prunebench.study.pareto import hypervolume_history
+    from prunebench.study.storage import require_studies
 
     defn = load_study_definition(args.definition)
     with storage_errors(defn):
@@ -112,10 +117,10 @@ def cmd_study_show(args) -> int:
 
 
 def cmd_study_export(args) -> int:
-    from prunebench.runtime.outputs import claim
-    from prunebench.study.pareto import hypervolume_history, objective_matrix, reference_point
     from prunebench.evaluation.results import write_text
-    from prunebench.study.core import load_study_definition
+    from prunebench.runtime.outputs import claim
+    from prunebench.study.definition import load_study_definition
+    from prunebench.study.pareto import hypervolume_history, objective_matrix, reference_point
 
     defn = load_study_definition(args.definition)
     output = claim(args.output, "export", args.overwrite)
@@ -140,10 +145,10 @@ def cmd_study_export(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from prunebench.study import plots
     from prunebench.runtime.outputs import claim
+    from prunebench.study import plots
+    from prunebench.study.definition import load_study_definition
     from prunebench.study.pareto import hypervolume_history
-    from prunebench.study.core import load_study_definition
 
     defn = load_study_definition(args.definition)
     out = claim(args.output or defn.results_path / "plots", "plots", args.overwrite, directory=True)
@@ -162,13 +167,13 @@ def cmd_plot(args) -> int:
 
 def _token_plots(defn, representatives, out: Path, args) -> list[Path]:
     """Heatmap and overlay for each strategy's representative front config, on one stream."""
-    from prunebench.study import plots
     from prunebench.engine.loop import PruningEngine
-    from prunebench.models import load_model
-    from prunebench.plugins.manager import MANAGER
     from prunebench.evaluation.replay import RecordedStream
     from prunebench.evaluation.runner import run_stream
     from prunebench.evaluation.streams import SyntheticStream
+    from prunebench.models import load_model
+    from prunebench.plugins.manager import MANAGER
+    from prunebench.study import plots
 
     evaluation = defn.evaluation
     model, _ = load_model(evaluation.model, seed=defn.seed, suite=evaluation.closed_loop.get("suite"),
@@ -199,9 +204,6 @@ def _token_plots(defn, representatives, out: Path, args) -> list[Path]:
 
 
 def add_parsers(sub) -> None:
-    from prunebench.cli.main import positive_int
-    from prunebench.runtime.outputs import OVERWRITE_HELP
-
     p = sub.add_parser("study", help="Optuna Pareto studies: run | resume | show | export",
                        formatter_class=argparse.RawDescriptionHelpFormatter, description=STUDY_HELP)
     actions = p.add_subparsers(dest="action", required=True)
@@ -215,9 +217,11 @@ def add_parsers(sub) -> None:
         a.add_argument("--fail-running", action="store_true",
                        help="mark RUNNING trials failed and retry them first (journal storage, which "
                             "has no heartbeat; only when no other worker is alive)")
+        add_plugin_argument(a)
         a.set_defaults(func=cmd_study_run)
     a = actions.add_parser("show", help="trials per state, Pareto fronts, hypervolume")
     a.add_argument("definition")
+    add_plugin_argument(a)
     a.set_defaults(func=cmd_study_show)
     a = actions.add_parser("export", help="the trials table with Pareto masks, as CSV or JSON")
     a.add_argument("definition")
@@ -225,6 +229,7 @@ def add_parsers(sub) -> None:
                    help="file (.csv or .json; an existing file is refused unless --overwrite)")
     a.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     a.add_argument("--format", choices=["csv", "json"], help="default: from the file suffix")
+    add_plugin_argument(a)
     a.set_defaults(func=cmd_study_export)
 
     p = sub.add_parser("plot", help="plots of a study (PNG and PDF): fronts, keep ratio, speedup, "
@@ -236,4 +241,5 @@ def add_parsers(sub) -> None:
                    help="write into a non-empty directory, replacing plots of the same names")
     p.add_argument("--stream", help="recorded stream (.npz) for the kept-token plots (default synthetic)")
     p.add_argument("--queries", type=int, default=8, help="synthetic stream length for the token plots")
+    add_plugin_argument(p)
     p.set_defaults(func=cmd_plot)

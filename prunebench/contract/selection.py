@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from prunebench.contract.interface import Budget
 from prunebench.contract.layout import TokenLayout
+from prunebench.contract.plan import Budget
 
 
 def _float(x: torch.Tensor) -> torch.Tensor:

@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from prunebench.contract.errors import EngineError, StrategyError, strategy_code
+from prunebench.contract.layout import ROW_GROUPS, TokenLayout, arange
+from prunebench.contract.plan import BEFORE_LLM, SIGNAL_KINDS, PrunePlan, SignalRequest, Signals, Stage
+from prunebench.contract.strategy import Observation, QueryContext, Strategy
 from prunebench.engine import signals as sig
 from prunebench.engine.accounting import QueryRecord, StageRecord, StageTimer, llm_flops
-from prunebench.contract.errors import EngineError, StrategyError, strategy_code
-from prunebench.contract.interface import (BEFORE_LLM, SIGNAL_KINDS, Observation, PrunePlan, QueryContext,
-                                  Signals, SignalRequest, Stage, Strategy)
-from prunebench.contract.layout import ROW_GROUPS, TokenLayout, arange
+from prunebench.engine.pixels import patch_pixels_of
 from prunebench.engine.transformers_compat import HAS_ATTENTION_REGISTRY, rotary, run_layer
 
 
@@ -81,7 +82,7 @@ class PruningEngine:
             for r in plan.signals:
                 if r.kind == "attention":
                     attention_at.setdefault(r.layer, []).append(r)
-            signals = Signals()
+            signals = ctx.signals  # filled as the forward runs; the strategy reads it there too
             # (request, value on the device, its visual indices or None; or a list of requests and
             # their values as rows): moved to the host in one go when a stage or on_forward_end
             # reads signals
@@ -185,27 +186,7 @@ class PruningEngine:
         computed here when not given); ``fields``: the other QueryContext fields."""
         enc = enc if enc is not None else self.model.encode(obs)
         return QueryContext(observation=obs, layout=enc.layout.copy(), n_layers=len(self.llm.layers),
-                            patch_pixels=self._patch_pixels_of(obs, enc.images), **fields)
-
-    def _patch_pixels_of(self, obs: Observation, current: torch.Tensor):
-        """``QueryContext.patch_pixels`` of one query: a frame through the model's own preprocessing
-        (``preprocess_images``) and patch grid (``patch_pixels``); the current frame reuses its
-        preprocessed ``current`` images. Memoised per frame object for the query."""
-        memo: dict[int, tuple[dict, torch.Tensor]] = {}
-
-        def patch_pixels(images: dict[str, np.ndarray]) -> torch.Tensor:
-            hit = memo.get(id(images))
-            if hit is not None and hit[0] is images:
-                return hit[1]
-            if images is obs.images:
-                pre = current
-            else:
-                pre = self.model.preprocess_images(Observation(images, obs.proprio, obs.instruction))
-            value = self.model.patch_pixels(pre)
-            memo[id(images)] = (images, value)
-            return value
-
-        return patch_pixels
+                            patch_pixels=patch_pixels_of(self.model, obs, enc.images), **fields)
 
     # ------------------------------------------------------------------ pieces
     def _on_device(self, index: torch.Tensor) -> torch.Tensor:
@@ -234,15 +215,16 @@ class PruningEngine:
     def _apply_stage(self, name: str, strategy: Strategy, stage: Stage, signals: Signals,
                      ctx: QueryContext, layout: TokenLayout):
         before = layout.n_present_visual()
+        layout.present_visual()  # computed once: the copy shares it
+        current = ctx.current_layout = layout.copy()  # what score() and select() see
         with strategy_code(name, f"stage {stage.where}: score()"):
             scores = strategy.score(stage, signals, ctx)
         if not isinstance(scores, torch.Tensor) or scores.shape != (layout.n_visual,):
             got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
             raise StrategyError(name, f"stage {stage.where}: score() must return a tensor of shape "
                                       f"({layout.n_visual},), got {got}")
-        layout.present_visual()  # computed once: the copy shares it
         with strategy_code(name, f"stage {stage.where}: select()"):
-            keep = strategy.select(stage, scores, ctx, layout.copy())
+            keep = strategy.select(stage, scores, ctx, current)
         if self.checks:
             keep = self._check_keep(name, stage, keep, layout)
             kept_slots = layout.visual_to_slots(keep)

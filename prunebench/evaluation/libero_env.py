@@ -305,7 +305,8 @@ class LiberoEnv:
 
     def _apply_render_quality(self) -> None:
         """``fast``: no MSAA, reflections or shadows (about 2.5x faster, pixels change slightly:
-        mean absolute difference about 5/255). Re-applied after every reset because a hard reset rebuilds the context."""
+        mean absolute difference about 5/255). Re-applied after every reset because a hard reset rebuilds the
+        context."""
         if self.render_quality == "stock":
             return
         import mujoco

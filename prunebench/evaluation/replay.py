@@ -22,13 +22,13 @@ from typing import Iterator
 import numpy as np
 from pydantic import BaseModel, Field
 
-from prunebench.evaluation import metrics
-from prunebench.plugins.dense import Dense
-from prunebench.evaluation.contention import Contention
 from prunebench.contract.errors import PrunebenchError
-from prunebench.contract.interface import EnvStep, Observation, Strategy
+from prunebench.contract.strategy import EnvStep, Observation, Strategy
+from prunebench.evaluation import metrics
+from prunebench.evaluation.contention import Contention
 from prunebench.evaluation.results import QuerySummary, Stats, StrategyInfo
 from prunebench.evaluation.streams import StreamQuery
+from prunebench.plugins.dense import Dense
 
 FORMAT = "prunebench-stream/1"
 
@@ -159,7 +159,7 @@ def replay(engine, strategy: Strategy, streams: list[RecordedStream], seed: int 
 
     from prunebench.evaluation.contention import load_average, of_records
     from prunebench.evaluation.runner import run_interleaved
-    from prunebench.runtime.versions import environment
+    from prunebench.evaluation.versions import environment
 
     load_start = load_average()
     per_stream, dense_ms, ms, records, timed = [], [], [], [], []

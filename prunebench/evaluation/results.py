@@ -22,11 +22,10 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field
 
-from prunebench.evaluation import metrics
-from prunebench.engine.accounting import STAGES, QueryRecord
-from prunebench.evaluation import contention
-from prunebench.evaluation.contention import Contention
 from prunebench.contract.errors import OutputError
+from prunebench.engine.accounting import STAGES, QueryRecord
+from prunebench.evaluation import contention, metrics
+from prunebench.evaluation.contention import Contention
 
 SCHEMA_VERSION = 2  # 2: action error on normalised actions, episode errors apart from failures
 
@@ -78,7 +77,7 @@ class StrategyInfo(BaseModel):
     @classmethod
     def of(cls, name: str, strategy) -> "StrategyInfo":
         """A created strategy with its validated config and where it comes from."""
-        from prunebench.runtime.versions import strategy_provenance
+        from prunebench.evaluation.versions import strategy_provenance
 
         return cls(name=name, config=strategy.config.model_dump(), position_ids=strategy.position_ids,
                    **strategy_provenance(name))

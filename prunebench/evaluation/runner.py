@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from prunebench.engine.loop import PruningEngine, QueryResult
 from prunebench.contract.errors import strategy_code
-from prunebench.contract.interface import EnvStep, EpisodeInfo, Observation, Strategy
+from prunebench.contract.strategy import EnvStep, EpisodeInfo, Observation, Strategy
+from prunebench.engine.loop import PruningEngine, QueryResult
 from prunebench.evaluation.streams import StreamQuery
 
 

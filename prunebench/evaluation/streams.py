@@ -14,7 +14,7 @@ from typing import Iterator
 
 import numpy as np
 
-from prunebench.contract.interface import EnvStep, Observation
+from prunebench.contract.strategy import EnvStep, Observation
 
 INSTRUCTIONS = (
     "pick up the alphabet soup and place it in the basket",

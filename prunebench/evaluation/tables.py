@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel
 
-from prunebench.evaluation import contention, metrics
-from prunebench.plugins.dense import DENSE
-from prunebench.evaluation.contention import Contention
 from prunebench.engine.loop import QueryResult
+from prunebench.evaluation import contention, metrics
+from prunebench.evaluation.contention import Contention
 from prunebench.evaluation.results import EvalResults, GroupResult
+from prunebench.plugins.dense import DENSE
 
 
 class ComparisonRow(BaseModel):

@@ -16,26 +16,21 @@ Weights and normalisation statistics are saved together as one safetensors file.
 
 from __future__ import annotations
 
-import json
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from transformers import LlamaConfig, LlamaModel
 
-from prunebench.evaluation.config import one_line
-from prunebench.contract.errors import PrunebenchError
-from prunebench.contract.interface import Observation
 from prunebench.contract.layout import TokenLayout
+from prunebench.contract.model import Encoded, VLAModel
+from prunebench.contract.strategy import Observation
 from prunebench.engine.transformers_compat import forward_bidirectional, make_bidirectional
+from prunebench.models.mini_oft_io import check_header, load_weights, read_header, write_file
 from prunebench.models.tokenizer import WordTokenizer
 
 
@@ -116,17 +111,8 @@ class L1RegressionHead(nn.Module):
         return self.fc_out(self.norm_out(x))
 
 
-@dataclass
-class Encoded:
-    """The LLM input of one query, before any removal."""
-
-    embeds: torch.Tensor  # (1, L, D)
-    layout: TokenLayout
-    images: torch.Tensor  # (views, 3, S, S) preprocessed, in [0, 1]
-
-
 class MiniOFT(nn.Module):
-    """The built-in model. Exposes what the engine needs: encode, llm (layers, norm, rotary), head."""
+    """The built-in model; implements :class:`prunebench.VLAModel` (encode, llm, head, ...)."""
 
     def __init__(self, cfg: MiniOFTConfig | None = None, tokenizer: WordTokenizer | None = None) -> None:
         super().__init__()
@@ -167,31 +153,21 @@ class MiniOFT(nn.Module):
         return model.eval()
 
     def save(self, path: str | Path, extra: dict | None = None) -> None:
-        meta = {"config": self.cfg.model_dump_json(), "vocab": json.dumps(self.tokenizer.vocab),
-                "extra": json.dumps(extra or {})}
-        state = {k: v.contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(path), metadata=meta)
+        """Weights, normalisation, config and vocabulary as one safetensors file (mini_oft_io)."""
+        write_file(self, path, extra)
 
     @classmethod
     def load(cls, path: str | Path) -> "MiniOFT":
         """The model in a file written by :meth:`save`. The file's metadata and tensor shapes (its
         header) are checked against each other before any weight is allocated: a bad file is one
         PrunebenchError naming it and what is wrong, and no file can ask for more than
-        MAX_PARAMETERS."""
-        with _safetensors_errors(path), safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-        cfg, tokenizer = _config_and_tokenizer(meta, path)
+        MAX_PARAMETERS (mini_oft_io)."""
+        cfg, tokenizer, shapes = read_header(path, MiniOFTConfig)
         with torch.device("meta"):  # the model the config describes, without storage
             expected = cls(cfg, tokenizer)
-        n_params = sum(p.numel() for p in expected.parameters())
-        if n_params > MAX_PARAMETERS:
-            raise PrunebenchError(f"{path}: its config asks for {n_params:,} parameters, more than a "
-                                  f"MiniOFT file may ({MAX_PARAMETERS:,}; docs/model.md)")
-        _check_shapes(path, shapes, {k: tuple(v.shape) for k, v in expected.state_dict().items()})
+        check_header(path, shapes, expected)
         model = cls(cfg, tokenizer)
-        with _safetensors_errors(path):
-            model.load_state_dict(load_file(str(path)))
+        load_weights(model, path)
         return model.eval()
 
     # ------------------------------------------------------------------ properties the engine reads
@@ -291,55 +267,7 @@ class MiniOFT(nn.Module):
         return self.unnormalize_actions(self.dense_actions(enc.embeds, enc.layout))[0]
 
 
-MAX_PARAMETERS = 1_000_000_000
-"""The most parameters a MiniOFT file may ask for (4 GB of float32; the shipped model has 1.4 M):
-checked on the config before anything is allocated."""
-
-
-@contextmanager
-def _safetensors_errors(path: str | Path):
-    """A file safetensors cannot read (not safetensors, truncated, unreadable) as one line naming it."""
-    try:
-        yield
-    except (SafetensorError, OSError) as err:
-        raise PrunebenchError(f"{path}: not a readable safetensors file "
-                              f"({str(err).removeprefix('Error while deserializing header: ')})") from None
-
-
-def _config_and_tokenizer(meta: dict[str, str], path: str | Path) -> tuple[MiniOFTConfig, WordTokenizer]:
-    """The config and vocabulary :meth:`MiniOFT.save` stores in the file's metadata."""
-    for key in ("config", "vocab"):
-        if key not in meta:
-            raise PrunebenchError(f"{path}: metadata has no {key!r} (not a file written by MiniOFT.save)")
-    try:
-        cfg = MiniOFTConfig.model_validate_json(meta["config"])
-    except ValidationError as err:
-        raise PrunebenchError(one_line(err, f"{path}: metadata 'config': ")) from None
-    try:
-        vocab = json.loads(meta["vocab"])
-    except json.JSONDecodeError as err:
-        raise PrunebenchError(f"{path}: metadata 'vocab' is not JSON ({err})") from None
-    # at least the four special tokens (pad, bos, eos, unk), which the model's ids assume
-    if not (isinstance(vocab, list) and len(vocab) >= 4 and all(isinstance(w, str) for w in vocab)):
-        raise PrunebenchError(f"{path}: metadata 'vocab' must be a JSON list of at least 4 words")
-    return cfg, WordTokenizer(vocab)
-
-
-def _check_shapes(path: str | Path, shapes: dict[str, tuple], expected: dict[str, tuple]) -> None:
-    """The file holds exactly the tensors the config describes, with their shapes."""
-    def first(names: list[str]) -> str:
-        return repr(names[0]) + (f" (and {len(names) - 1} more)" if len(names) > 1 else "")
-
-    missing = sorted(set(expected) - set(shapes))
-    if missing:
-        raise PrunebenchError(f"{path}: lacks tensor {first(missing)}")
-    unexpected = sorted(set(shapes) - set(expected))
-    if unexpected:
-        raise PrunebenchError(f"{path}: unexpected tensor {first(unexpected)} for its config")
-    for name, shape in expected.items():
-        if shapes[name] != shape:
-            raise PrunebenchError(f"{path}: tensor {name!r} has shape {shapes[name]}, its config asks "
-                                  f"for {shape}")
+VLAModel.register(MiniOFT)  # isinstance on Python >= 3.12 cannot see nn.Module submodules (llm)
 
 
 def patch_pixels(images: torch.Tensor, patch: int) -> torch.Tensor:

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from prunebench.evaluation.config import parse_file
 from prunebench.contract.errors import PrunebenchError
 from prunebench.models.openvla_oft import OFTSpec, OpenVLAOFT
+from prunebench.runtime.inputs import parse_file
 
 HEAD_FILES = {"proprio_projector": "proprio_projector--{step}_checkpoint.pt",
               "action_head": "action_head--{step}_checkpoint.pt"}

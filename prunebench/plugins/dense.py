@@ -7,7 +7,7 @@ the name ``none`` (its name on the command line and in study definitions).
 
 from __future__ import annotations
 
-from prunebench.contract.interface import Strategy, StrategyConfig
+from prunebench.contract.strategy import Strategy, StrategyConfig
 
 DENSE = "none"
 

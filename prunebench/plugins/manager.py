@@ -1,29 +1,38 @@
-"""One plugin manager: built-in strategies and entry-point plugins, one registry, clear errors.
+"""One plugin manager: built-ins, entry-point and ``--plugin`` plugins, one registry, clear errors.
 
 Environment variables:
 
 * ``PRUNEBENCH_LOAD_PLUGINS``: comma list of distribution names whose entry points to load
   (empty string: load none); unset: load every installed ``prunebench`` entry point.
 * ``PRUNEBENCH_DISABLED_PLUGINS``: comma list of plugin (entry-point) names to block.
+* ``PRUNEBENCH_PLUGIN_FILES``: ``os.pathsep``-separated plugins to register that no distribution
+  installs: paths of ``.py`` files or importable module names. The CLI's ``--plugin`` sets it for
+  the duration of a command, so the worker processes it starts load the same plugins.
 
-A plugin that fails to import is skipped with one warning (``prunebench plugins`` lists it as
-broken, with the reason); only asking for a strategy it may have provided is an error.
+An entry-point plugin that fails to import is skipped with one warning (``prunebench plugins``
+lists it as broken, with the reason); only asking for a strategy it may have provided is an error.
+A ``--plugin`` file or module was asked for by name: one that is missing, fails to import or
+implements no hook is an error (``PluginError``, one line).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.metadata as md
+import importlib.util
 import os
+import re
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pluggy
 
+from prunebench.contract.errors import PluginError
+from prunebench.contract.strategy import Strategy, StrategyConfig
 from prunebench.plugins import hookspecs
 from prunebench.plugins.dense import DENSE, Dense
-from prunebench.contract.errors import PluginError
-from prunebench.contract.interface import Strategy, StrategyConfig
 
 DEFAULT_PLUGINS = (
     "prunebench.strategies.random",
@@ -32,7 +41,9 @@ DEFAULT_PLUGINS = (
     "prunebench.strategies.specprune_vla",
     "prunebench.strategies.vla_pruner",
     "prunebench.strategies.adp",
+    "prunebench.models.builtin",  # the built-in model families (MiniOFT, OpenVLA-OFT)
 )
+PLUGIN_FILES = "PRUNEBENCH_PLUGIN_FILES"
 
 
 @dataclass
@@ -52,10 +63,11 @@ class PluginManager:
         self._builtin: set[str] = set()
         self._dists: dict[str, md.Distribution] = {}
         self.broken: dict[str, str] = {}  # plugin name -> why it failed to import
+        self._sources: dict[str, str] = {}  # plugin name -> "file" or "module": given by --plugin
 
     # ------------------------------------------------------------------ loading
     def load(self) -> None:
-        """Register built-ins and entry points once; idempotent."""
+        """Register built-ins, entry points and ``PRUNEBENCH_PLUGIN_FILES`` once; idempotent."""
         if self._loaded:
             return
         self._loaded = True
@@ -73,6 +85,31 @@ class PluginManager:
         for name, reason in self.broken.items():
             print(f"warning: plugin {name!r} skipped: {reason} (to skip it silently, add it to "
                   "PRUNEBENCH_DISABLED_PLUGINS)", file=sys.stderr)
+        for spec in plugin_specs():
+            self.load_plugin(spec)
+
+    def load_plugin(self, spec: str) -> str:
+        """Register the plugin in a ``.py`` file (a path) or an importable module (a name), as
+        ``--plugin`` does, and return its plugin name: the file's absolute path, or the module name.
+
+        Idempotent. A file is imported under a module name of its own, derived from its path (the
+        same in every process). A missing file, an import that raises and a module that implements
+        no hook are ``PluginError``s that name ``spec``.
+        """
+        self.load()
+        spec = str(spec)
+        is_file = _is_file_spec(spec)
+        name = os.path.abspath(spec) if is_file else spec
+        if self.pm.get_plugin(name) is not None or self.pm.is_blocked(name):
+            return name
+        plugin = _import_file(spec, name) if is_file else _import_module(spec)
+        self.register(plugin, name=name)
+        if not self.pm.get_hookcallers(plugin):
+            self.unregister(name)
+            raise PluginError(f"plugin {spec!r} implements no prunebench hook (expected "
+                              "@prunebench.hookimpl def prunebench_register_strategies(register))")
+        self._sources[name] = "file" if is_file else "module"
+        return name
 
     def _load_entry_points(self, distribution: str | None = None) -> None:
         for dist in md.distributions():
@@ -146,7 +183,7 @@ class PluginManager:
         """Instantiate a strategy with a config dict, validated by its pydantic Config."""
         from pydantic import ValidationError
 
-        from prunebench.evaluation.config import one_line
+        from prunebench.runtime.inputs import one_line
 
         cls = self.get(name)
         try:
@@ -166,15 +203,92 @@ class PluginManager:
             if plugin is None:
                 continue
             dist = self._dists.get(name)
+            source = self._sources.get(name)  # --plugin: a file or module that no distribution names
             rows.append({
                 "name": name,
-                "version": dist.version if dist else own,
-                "distribution": dist.metadata["Name"] if dist else "prunebench",
+                "version": dist.version if dist else None if source else own,
+                "distribution": dist.metadata["Name"] if dist else None if source else "prunebench",
                 "builtin": name in self._builtin,
                 "hooks": sorted(h.name for h in self.pm.get_hookcallers(plugin) or []),
                 "strategies": sorted(s for s, r in strategies.items() if r.plugin == name),
+                **({"source": source} if source else {}),
             })
         return sorted(rows, key=lambda r: (not r["builtin"], r["name"]))
+
+
+def plugin_specs() -> list[str]:
+    """The plugins listed in ``PRUNEBENCH_PLUGIN_FILES``, in order."""
+    return [s for s in os.environ.get(PLUGIN_FILES, "").split(os.pathsep) if s.strip()]
+
+
+def add_plugins(specs: list[str]) -> None:
+    """``specs`` registered in ``MANAGER`` and added to ``PRUNEBENCH_PLUGIN_FILES`` (files as absolute
+    paths), so that worker processes started from now on register them too (a study definition's
+    ``plugins``). A strategy name they clash on is reported here, before any work."""
+    if not specs:
+        return
+    names = [MANAGER.load_plugin(spec) for spec in specs]  # errors name each spec as given
+    MANAGER.strategies()
+    listed = plugin_specs()
+    os.environ[PLUGIN_FILES] = os.pathsep.join(listed + [n for n in names if n not in listed])
+
+
+@contextmanager
+def using_plugins(specs: list[str] | None):
+    """``--plugin``: ``specs`` registered in ``MANAGER`` and added to ``PRUNEBENCH_PLUGIN_FILES``
+    (files as absolute paths) for the duration of the block, so that the worker processes started
+    in it register them too. A strategy name they clash on is reported here, before any work."""
+    if not specs:
+        yield
+        return
+    before = os.environ.get(PLUGIN_FILES)
+    add_plugins(specs)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(PLUGIN_FILES, None)
+        else:
+            os.environ[PLUGIN_FILES] = before
+
+
+def _is_file_spec(spec: str) -> bool:
+    """A path (``mine.py``, ``plugins/mine``) rather than a module name (``my_package.mine``)."""
+    return spec.endswith(".py") or os.sep in spec or bool(os.altsep and os.altsep in spec) or \
+        os.path.isfile(spec)
+
+
+def _import_file(spec: str, path: str):
+    """Import the file at ``path`` as a module named after it, e.g. ``prunebench_plugin_mine_1a2b3c4d``."""
+    if not os.path.exists(path):
+        raise PluginError(f"plugin {spec!r}: no such file")
+    if not os.path.isfile(path):
+        raise PluginError(f"plugin {spec!r}: not a file (give a .py file or a module name)")
+    stem = re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
+    module_name = f"prunebench_plugin_{stem}_{hashlib.sha1(path.encode()).hexdigest()[:8]}"
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise PluginError(f"plugin {spec!r}: cannot be imported as Python (give a .py file)")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = module  # before running it: dataclasses, pickle and the like look it up
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as err:  # noqa: BLE001 - one line that names the plugin, not a traceback
+        sys.modules.pop(module_name, None)
+        raise PluginError(f"plugin {spec!r} failed to import: {_one_line(err)}") from None
+    return module
+
+
+def _import_module(spec: str):
+    try:
+        return importlib.import_module(spec)
+    except Exception as err:  # noqa: BLE001 - one line that names the plugin, not a traceback
+        raise PluginError(f"plugin {spec!r} failed to import: {_one_line(err)}") from None
+
+
+def _one_line(err: Exception) -> str:
+    text = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    return f"{type(err).__name__}: {text}"
 
 
 def _installed(dist: str) -> bool:

@@ -32,7 +32,7 @@ from prunebench.contract.errors import PrunebenchError
 from prunebench.runtime.interrupts import Interrupted
 
 if TYPE_CHECKING:
-    from prunebench.study.core import StudyDefinition
+    from prunebench.study.definition import StudyDefinition
 
 IDENTITY_KEY = "prunebench:definition"  # Optuna study system attribute
 MARKER = "study_name.txt"  # in results_dir: the study that owns the folder
@@ -145,8 +145,8 @@ def identity(defn: StudyDefinition, strategy: str) -> dict[str, Any]:
 
 def _episodes(closed_loop: dict) -> dict:
     """Closed-loop fields with their defaults filled in, so that spelling out a default is no change."""
-    from prunebench.plugins.dense import DENSE
     from prunebench.evaluation.closed_loop import EvalConfig
+    from prunebench.plugins.dense import DENSE
 
     return EvalConfig(strategy=DENSE, **closed_loop).model_dump(mode="json", exclude=_NOT_IDENTITY)
 

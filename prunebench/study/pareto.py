@@ -16,7 +16,8 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from prunebench.plugins.dense import DENSE
-from prunebench.study.core import METRICS, StudyDefinition, load_studies, validated_key
+from prunebench.study.definition import METRICS, StudyDefinition
+from prunebench.study.storage import load_studies, validated_key
 
 
 def trials_table(defn: StudyDefinition) -> pd.DataFrame:

@@ -20,7 +20,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from prunebench.plugins.dense import DENSE  # noqa: E402
-from prunebench.study.core import OBJECTIVES  # noqa: E402
+from prunebench.study.definition import OBJECTIVES  # noqa: E402
 
 LABELS = {"success_rate": "success rate", "latency_ms": "mean query latency (ms)",
           "speedup": "speedup vs dense (x)", "action_error": "action error vs dense (L1)",

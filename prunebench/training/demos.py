@@ -23,9 +23,9 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from prunebench.evaluation.config import load_config
-from prunebench.evaluation.libero_env import WAIT_ACTION, WAIT_STEPS, LiberoEnv, SimulationError, tasks
 from prunebench.contract.errors import PrunebenchError
+from prunebench.evaluation.libero_env import WAIT_ACTION, WAIT_STEPS, LiberoEnv, SimulationError, tasks
+from prunebench.runtime.inputs import load_config
 from prunebench.training.expert import PickPlaceExpert
 
 SEEDS_PER_TASK = 100_000  # env seeds of task t are t * SEEDS_PER_TASK + seed_offset + k

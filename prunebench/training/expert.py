@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from prunebench.evaluation.libero_env import LiberoEnv
 from prunebench.contract.errors import PrunebenchError
+from prunebench.evaluation.libero_env import LiberoEnv
 
 GAIN = 10.0  # action units per metre of position error (actions are 0.05 m per unit)
 APPROACH_HEIGHT = 0.10  # m above the grasp point

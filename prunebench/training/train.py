@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from prunebench.evaluation.config import load_config
-from prunebench.training.demos import demo_files
 from prunebench.models.mini_oft import MiniOFT, MiniOFTConfig
+from prunebench.runtime.inputs import load_config
+from prunebench.training.demos import demo_files
 
 
 class TrainConfig(BaseModel):

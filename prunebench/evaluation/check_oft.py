@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prunebench.plugins.dense import Dense
 from prunebench.contract.errors import PrunebenchError
-from prunebench.contract.interface import Observation
+from prunebench.contract.strategy import Observation
 from prunebench.models.openvla_oft import PROMPT, OpenVLAOFT
+from prunebench.plugins.dense import Dense
 
 
 def observations(n: int, suite: str | None, size: int = 256, seed: int = 0) -> tuple[list[Observation], str]:
@@ -112,9 +112,9 @@ def check(checkpoint: str, *, suite: str | None, device: str, n: int, reference:
     """Run both sides on ``n`` observations; the report has per-observation and overall max |diff|.
     ``reference="openvla"`` runs the checkpoint's own Python code, so it needs ``trust_remote_code``."""
     from prunebench.engine.loop import PruningEngine
+    from prunebench.evaluation.versions import environment
     from prunebench.models import load_model
     from prunebench.models.oft_checkpoint import is_oft_checkpoint, resolve
-    from prunebench.runtime.versions import environment
 
     if reference == "openvla" and not trust_remote_code:  # refused before anything is loaded
         raise PrunebenchError("--reference openvla runs the checkpoint's own Python code "
@@ -144,7 +144,8 @@ def check(checkpoint: str, *, suite: str | None, device: str, n: int, reference:
     return {"checkpoint": str(checkpoint), "reference": reference, "observations": source,
             "unnorm_key": model.unnorm_key, "dtype": info["dtype"], "device": device,
             "attention_backend": model.attn_implementation, "tolerance": tolerance,
-            "max_abs_diff": worst, "passed": worst <= tolerance, "rows": rows, "environment": environment(str(engine.device))}
+            "max_abs_diff": worst, "passed": worst <= tolerance, "rows": rows,
+            "environment": environment(str(engine.device))}
 
 
 def _gripper(normalized: np.ndarray) -> np.ndarray:

@@ -1,0 +1,171 @@
+"""What a strategy asks of one query: where and how much to prune (``PrunePlan``, ``Stage``,
+``Budget``) and which signals the engine computes for it (``SignalRequest``, ``Signals``).
+
+Everything per token is indexed by *visual index* (0 .. n_visual-1, views in order); tokens no
+longer in the sequence carry NaN in signals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from prunebench.contract.errors import MissingSignal
+from prunebench.contract.layout import TokenLayout
+
+BEFORE_LLM = -1
+"""``Stage.after_layer`` value for a removal before the first decoder layer."""
+
+REFERENCE_DEPTH = 32
+"""Depth of the Llama-2-7B decoder in OpenVLA-OFT, which the papers' layer indices refer to."""
+
+SIGNAL_KINDS = ("attention", "qk_logits", "embeddings", "pixels")
+
+
+def scale_layer(paper_layer: int, n_layers: int, reference_depth: int = REFERENCE_DEPTH) -> int:
+    """Map a layer index given for the 32-layer OFT decoder onto a model with ``n_layers``.
+
+    Proportional, rounded half up, kept inside 0 .. n_layers-1 (e.g. 2 -> 1, 3 -> 1, 15 -> 4 on
+    8 layers). Every strategy exposes its layers as config fields, so this default is overridable.
+    """
+    return min(n_layers - 1, max(0, int(paper_layer * n_layers / reference_depth + 0.5)))
+
+
+# --------------------------------------------------------------------------- plans
+@dataclass(frozen=True)
+class SignalRequest:
+    """A signal the engine computes on demand, only at ``layer`` and only for the ``rows`` asked.
+
+    kinds:
+      attention   softmax attention probabilities rows -> every visual token at ``layer``, from
+                  the q/k (with rotary) that layer computes (head- and row-averaged), on the
+                  sequence as that layer sees it.
+      qk_logits   layer-``layer`` q·k logits rows -> visual on the *input embeddings*: no rotary, no
+                  softmax (ADP's retrieval weight); computed before any removal.
+      embeddings  LLM input embeddings of the visual tokens, shape (n_visual, hidden).
+      pixels      raw patch pixels of the current images after the model's preprocessing, shape
+                  (n_visual, patch*patch*3), 0..255 (``QueryContext.patch_pixels`` gives them for
+                  earlier frames).
+    """
+
+    kind: Literal["attention", "qk_logits", "embeddings", "pixels"]
+    layer: int = 0
+    rows: str = "text"
+
+    @property
+    def key(self) -> str:
+        if self.kind in ("embeddings", "pixels"):
+            return self.kind
+        return f"{self.kind}@{self.layer}:{self.rows}"
+
+    @property
+    def before_llm(self) -> bool:
+        """Input signals are ready before the first layer; attention needs its layer's input."""
+        return self.kind != "attention"
+
+
+def attention(layer: int, rows: str = "text") -> SignalRequest:
+    return SignalRequest("attention", layer, rows)
+
+
+def qk_logits(layer: int = 0, rows: str = "language") -> SignalRequest:
+    return SignalRequest("qk_logits", layer, rows)
+
+
+EMBEDDINGS = SignalRequest("embeddings")
+PIXELS = SignalRequest("pixels")
+
+
+class Budget(BaseModel):
+    """How many visual tokens survive a stage: a keep ratio of the original visual tokens, or a count.
+
+    ``per_view``: split the total across views (by ``view_weights``, default proportional to view
+    size) so each view keeps its quota; otherwise one global top-k. Always *keep*, never prune.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    keep_ratio: float | None = Field(default=None, gt=0, le=1)
+    keep_count: int | None = Field(default=None, ge=1)
+    per_view: bool = True
+    view_weights: tuple[float, ...] | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "Budget":
+        if (self.keep_ratio is None) == (self.keep_count is None):
+            raise ValueError("give exactly one of keep_ratio or keep_count")
+        return self
+
+    def total(self, layout: TokenLayout) -> int:
+        if self.keep_count is not None:
+            return self.keep_count
+        return max(1, round(self.keep_ratio * layout.n_visual))
+
+    def quotas(self, layout: TokenLayout) -> list[int]:
+        """Per-view keep counts, clamped to what each view still has (largest-remainder split)."""
+        total = self.total(layout)
+        sizes = [v.size for v in layout.views]
+        weights = list(self.view_weights or sizes)
+        if len(weights) != len(sizes):
+            raise ValueError(f"view_weights has {len(weights)} entries for {len(sizes)} views")
+        shares = [total * w / sum(weights) for w in weights]
+        quotas = [int(s) for s in shares]
+        for i in sorted(range(len(shares)), key=lambda i: shares[i] - quotas[i], reverse=True):
+            if sum(quotas) >= total:
+                break
+            quotas[i] += 1
+        return [min(q, layout.n_present_visual(i)) for i, q in enumerate(quotas)]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One removal: after decoder layer ``after_layer`` (``BEFORE_LLM`` = before layer 0)."""
+
+    after_layer: int
+    budget: Budget | None = None
+    name: str = ""  # the strategy's own label ("static", "dynamic", ...), passed back to it
+
+    @property
+    def where(self) -> str:
+        return "before_llm" if self.after_layer == BEFORE_LLM else f"after_layer_{self.after_layer}"
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    """Stages in layer order, and the signals to compute (for stages and for ``on_forward_end``)."""
+
+    stages: tuple[Stage, ...] = ()
+    signals: tuple[SignalRequest, ...] = ()
+
+    @classmethod
+    def dense(cls, signals: tuple[SignalRequest, ...] = ()) -> "PrunePlan":
+        return cls((), tuple(signals))
+
+    @property
+    def is_dense(self) -> bool:
+        return not self.stages
+
+
+class Signals:
+    """Signals computed so far in this forward, by request key."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, torch.Tensor] = {}
+
+    def __setitem__(self, request: SignalRequest, value: torch.Tensor) -> None:
+        self._values[request.key] = value
+
+    def __getitem__(self, request: SignalRequest) -> torch.Tensor:
+        try:
+            return self._values[request.key]
+        except KeyError:
+            raise MissingSignal(f"signal {request.key} was not computed (yet): request it in the plan, "
+                           "at a layer that has run before the stage that reads it") from None
+
+    def __contains__(self, request: SignalRequest) -> bool:
+        return request.key in self._values
+
+    def keys(self) -> list[str]:
+        return list(self._values)
