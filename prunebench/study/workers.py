@@ -159,6 +159,9 @@ class StudyRunner:
             config = strategy_config(strategy, self.defn.search(strategy), trial if strategy != DENSE else None,
                                      n_layers=self.defn.n_layers)
             trial.set_user_attr("config", config.model_dump(mode="json"))
+            if _enqueued_twice(trial):  # two workers enqueued the same parameters at once
+                trial.set_user_attr("surplus", True)
+                raise optuna.TrialPruned("the same enqueued parameters run in another worker")
             earlier = _same_params(trial)
             if earlier is not None:
                 metrics = {k: earlier.user_attrs[k] for k in METRICS if k in earlier.user_attrs}
@@ -248,6 +251,15 @@ def _surplus(trial: optuna.Trial, target: int) -> bool:
     earlier = [t for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
                if t.number < trial.number]
     return len(earlier) >= target
+
+
+def _enqueued_twice(trial: optuna.Trial) -> bool:
+    """An earlier trial with the same parameters is running: Optuna's ``skip_if_exists`` is not
+    atomic, so two workers enqueueing at once can both add the paper defaults."""
+    if not trial.params:
+        return False
+    running = trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    return any(t.number < trial.number and t.params == trial.params for t in running)
 
 
 def _same_params(trial: optuna.Trial):
