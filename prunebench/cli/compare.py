@@ -24,8 +24,7 @@ def _strategies_to_compare(names: list[str] | None, keep_ratio: float) -> dict[s
 
 def cmd_compare_libero(args) -> int:
     from prunebench.evaluation.closed_loop import evaluate, load_eval_config
-    from prunebench.evaluation.contention import table_note
-    from prunebench.evaluation.tables import CLOSED_LOOP_COLUMNS, closed_loop_rows, format_table
+    from prunebench.evaluation.tables import CLOSED_LOOP_COLUMNS, closed_loop_rows
 
     strategies = _strategies_to_compare(args.strategies, args.keep_ratio)
     out_dir = claim(args.output, f"compare_{args.suite}", args.overwrite, directory=True,
@@ -45,10 +44,7 @@ def cmd_compare_libero(args) -> int:
     print(f"{args.suite}, tasks {args.tasks or 'all'}, {args.episodes} episode(s) per task from official "
           f"init state 0, policy {first.model['source']}, backend {first.attention_backend}, "
           f"stock protocol: {first.protocol['stock']}")
-    print(format_table([r.model_dump() for r in rows], CLOSED_LOOP_COLUMNS))
-    note = table_note(r.contended for r in rows)
-    if note:
-        print(note)
+    _print_rows(rows, CLOSED_LOOP_COLUMNS)
     print(f"wrote {out_dir}/<strategy>.json")
     return 0
 
@@ -60,11 +56,11 @@ def cmd_compare(args) -> int:
     from pydantic import BaseModel
 
     from prunebench.cli import arguments  # build_engine looked up when called: tests replace it
-    from prunebench.evaluation.contention import load_average, table_note
+    from prunebench.evaluation.contention import load_average
     from prunebench.evaluation.results import StrategyInfo, write_json
     from prunebench.evaluation.runner import run_interleaved
     from prunebench.evaluation.streams import SyntheticStream
-    from prunebench.evaluation.tables import COMPARISON_COLUMNS, compare_rows, format_table
+    from prunebench.evaluation.tables import COMPARISON_COLUMNS, compare_rows
     from prunebench.evaluation.versions import environment
     from prunebench.models import model_device
     from prunebench.plugins.manager import MANAGER
@@ -85,10 +81,7 @@ def cmd_compare(args) -> int:
     print(f"{args.queries} queries of a synthetic stream, keep ratio {args.keep_ratio}, model "
           f"{model_info['source']}, backend {engine.attention_backend}, "
           f"{env['torch_threads']} threads on {device}")
-    print(format_table([r.model_dump() for r in rows], COMPARISON_COLUMNS))
-    note = table_note(r.contended for r in rows)
-    if note:
-        print(note)
+    _print_rows(rows, COMPARISON_COLUMNS)
 
     class Comparison(BaseModel):
         command: str
@@ -110,6 +103,17 @@ def cmd_compare(args) -> int:
             rows=[r.model_dump() for r in rows]))
         print(f"wrote {output}")
     return 0
+
+
+def _print_rows(rows, columns) -> None:
+    """A comparison table, and the note on contended rows under it when there are any."""
+    from prunebench.evaluation.contention import table_note
+    from prunebench.evaluation.tables import format_table
+
+    print(format_table([r.model_dump() for r in rows], columns))
+    note = table_note(r.contended for r in rows)
+    if note:
+        print(note)
 
 
 def add_parsers(sub) -> None:
