@@ -91,30 +91,32 @@ def run(n_queries: int, seed: int) -> dict:
     return out
 
 
+def _recording_steps(make_env, executed: list):
+    """``make_env`` whose envs append every executed action to ``executed``."""
+    def make(job):
+        env = make_env(job)
+        step = env.step
+
+        def recorded_step(action):
+            executed.append([float(a) for a in action])
+            return step(action)
+        env.step = recorded_step
+        return env
+    return make
+
+
 def run_closed_loop(seed: int, max_steps: int | None) -> dict:
     """One closed-loop episode per strategy: kept indices per query, executed actions, outcome."""
     from prunebench.evaluation.closed_loop import EvalConfig
     from prunebench.evaluation.episode import EpisodeRunner, Job
-    from prunebench.evaluation.libero_env import LiberoEnv
 
     out = {}
     for name in ["none", *MANAGER.builtin_strategies()]:
         cfg = EvalConfig(strategy=name, seed=seed, tasks=[0], threads=1, dense_reference=False,
                          max_steps=max_steps)
         executed: list[list[float]] = []
-
-        def make_env(job: Job, cfg=cfg, executed=executed):
-            env = LiberoEnv(job.suite, job.task_id, camera_size=cfg.camera_size,
-                            render_quality=cfg.render_quality, hard_reset=cfg.hard_reset)
-            step = env.step
-
-            def recorded_step(action):
-                executed.append([float(a) for a in action])
-                return step(action)
-            env.step = recorded_step
-            return env
-
-        runner = EpisodeRunner(cfg, make_env=make_env)
+        runner = EpisodeRunner(cfg)
+        runner._make_env = _recording_steps(runner._make_env, executed)  # the runner's own LIBERO env
         runner.engine.record_kept = True
         try:
             episode = runner.run(Job(cfg.suite, 0, 0, 0))
@@ -125,6 +127,7 @@ def run_closed_loop(seed: int, max_steps: int | None) -> dict:
         out[f"episode {name}"] = {
             "strategy": name, "config": {}, "success": episode.success, "steps": episode.steps,
             "queries": [{"kept": {s.where + (f":{s.name}" if s.name else ""): s.kept for s in q.stages},
+                         # chunks of 8: exact unless a re-query cut one short; "executed" holds them all
                          "actions": executed[i * 8:(i + 1) * 8]} for i, q in enumerate(episode.queries)],
             "executed": executed}
         print(f"episode {name}: success={episode.success} steps={episode.steps}", file=sys.stderr)

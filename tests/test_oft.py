@@ -262,3 +262,20 @@ def test_on_a_gpu_in_bfloat16_every_strategy_runs_and_dense_matches_the_own_forw
     assert dense.record.ms["llm"] > 0
     for name in MANAGER.strategies():
         assert np.isfinite(engine.query(MANAGER.create(name), oft_obs, frames=[oft_obs.images] * 3).actions).all()
+
+
+def test_the_depth_of_a_checkpoint_comes_from_its_config_alone(checkpoint, oft, tmp_path):
+    from prunebench.models import model_depth
+
+    assert model_depth(str(checkpoint)) == oft.n_layers  # config.json only: no weights loaded
+    config = json.loads((checkpoint / "config.json").read_text())
+    del config["text_config"]["num_hidden_layers"]
+    stripped = tmp_path / "no-depth"
+    stripped.mkdir()
+    (stripped / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PrunebenchError, match="no text_config.num_hidden_layers"):
+        model_depth(str(stripped))
+    del config["text_config"]
+    (stripped / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PrunebenchError, match="no 'text_config' object"):
+        model_depth(str(stripped))

@@ -14,6 +14,7 @@ families through the ``prunebench_register_models`` hook (docs/model.md).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence, runtime_checkable
 
@@ -139,7 +140,7 @@ def missing_members(obj: object, protocol: type | None = None) -> list[str]:
     """The members of ``protocol`` (default :class:`VLAModel`) that ``obj`` lacks, looked up as the
     engine does (``hasattr``: an ``nn.Module``'s submodules count)."""
     protocol = protocol or VLAModel
-    members = set(vars(protocol).get("__annotations__", {}))  # data members
+    members = set(inspect.get_annotations(protocol))  # data members
     members |= {k for k in vars(protocol) if not k.startswith("_")}  # methods and properties
     return [m for m in sorted(members) if not hasattr(obj, m)]
 

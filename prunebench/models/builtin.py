@@ -87,12 +87,12 @@ def _load_oft(path, suite: str | None, device: str):
 
 def openvla_oft_depth(source: str) -> int:
     """Decoder layers from the checkpoint's config.json (32 for the released 7B checkpoints)."""
-    from prunebench.models.oft_checkpoint import _read_json, resolve
+    from prunebench.models.oft_checkpoint import read_config
 
-    text = _read_json(resolve(source) / "config.json").get("text_config")
-    if not isinstance(text, dict) or not isinstance(text.get("num_hidden_layers"), int):
+    layers = read_config(source)["text_config"].get("num_hidden_layers")
+    if not isinstance(layers, int):
         raise PrunebenchError(f"{source}: config.json has no text_config.num_hidden_layers")
-    return text["num_hidden_layers"]
+    return layers
 
 
 FAMILIES = (

@@ -48,14 +48,34 @@ def resolve(source: str | Path) -> Path:
     path = Path(source)
     if path.is_dir():
         return path
+    return Path(_from_hub(source, lambda hub: hub.snapshot_download(str(source))))
+
+
+def read_config(source: str | Path) -> dict:
+    """A checkpoint's config.json, with its ``text_config`` (the Llama config) checked; from the
+    hub only that file is fetched, not the weights."""
+    path = Path(source)
+    if path.is_dir():
+        path = path / "config.json"
+    else:
+        path = Path(_from_hub(source, lambda hub: hub.hf_hub_download(str(source), "config.json")))
+    config = _read_json(path)
+    if not isinstance(config.get("text_config"), dict):
+        raise PrunebenchError(f"{path}: no 'text_config' object (the Llama config)")
+    return config
+
+
+def _from_hub(source: str | Path, fetch) -> str:
+    """``fetch(huggingface_hub)``, or one line that names the checkpoint (not installed, network,
+    auth, unknown repo)."""
     try:
-        from huggingface_hub import snapshot_download
+        import huggingface_hub
     except ImportError:
         raise PrunebenchError(f"checkpoint {source!r} is not a directory and huggingface_hub is not "
                               "installed to fetch it") from None
     try:
-        return Path(snapshot_download(str(source)))
-    except Exception as err:  # network, auth, unknown repo: one line that names the checkpoint
+        return fetch(huggingface_hub)
+    except Exception as err:  # noqa: BLE001 - one line that names the checkpoint
         raise PrunebenchError(f"checkpoint {source!r}: could not download ({type(err).__name__}: "
                               f"{str(err).splitlines()[0] if str(err) else ''})") from None
 
@@ -91,9 +111,7 @@ def load_oft(source: str | Path, *, suite: str | None = None, device: str = "cpu
              dtype: torch.dtype = torch.bfloat16, attn_implementation: str = "sdpa") -> OpenVLAOFT:
     """Build the adapter from a checkpoint: every tensor it needs is loaded, or a one-line error."""
     root = resolve(source)
-    config = _read_json(root / "config.json")
-    if not isinstance(config.get("text_config"), dict):
-        raise PrunebenchError(f"{root / 'config.json'}: no 'text_config' object (the Llama config)")
+    config = read_config(root)
     norm_stats, stats_file = read_norm_stats(root)
     spec = OFTSpec(vision_backbone_id=config["vision_backbone_id"],
                    image_size=config.get("image_sizes", [224])[0], text_config=config["text_config"])

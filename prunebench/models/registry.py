@@ -25,30 +25,34 @@ def load_model(path: str | Path | None = None, seed: int = 0, *, suite: str | No
     Returns the model and a description for results files (source, trained, sha256, config, ...).
     """
     check_device(device)
-    source = None if path is None or str(path) == "" else str(path)
-    families = model_families()
-    for family in families:
-        if _claims(family, source):
-            model, info = family.load(source, seed=seed, suite=suite, device=device)
-            _check_loaded(family, model, info)
-            return model, info
-    known = "; ".join(f"{f.name} ({f.description})" if f.description else f.name for f in families)
-    raise PrunebenchError(f"--model {source!r}: no model family loads it (known families: "
-                          f"{known or 'none'})")
+    family, source = family_for(path)
+    model, info = family.load(source, seed=seed, suite=suite, device=device)
+    _check_loaded(family, model, info)
+    return model, info
 
 
 def model_depth(path: str | Path | None = None) -> int:
     """Decoder layers of the model ``path`` names (what a study's search space is fitted to): the
     claiming family's ``depth``, else the loaded model's ``n_layers``."""
+    family, source = family_for(path)
+    if family.depth is not None:
+        return int(family.depth(source))
+    model, info = family.load(source, seed=0, suite=None, device="cpu")
+    _check_loaded(family, model, info)
+    return int(model.n_layers)
+
+
+def family_for(path: str | Path | None) -> tuple[ModelFamily, str | None]:
+    """The first registered family that claims ``path`` (None or "": no --model), and the source
+    as the family is given it; a source nobody claims is one line naming the known families."""
     source = None if path is None or str(path) == "" else str(path)
-    for family in model_families():
+    families = model_families()
+    for family in families:
         if _claims(family, source):
-            if family.depth is not None:
-                return int(family.depth(source))
-            model, info = family.load(source, seed=0, suite=None, device="cpu")
-            _check_loaded(family, model, info)
-            return int(model.n_layers)
-    return int(load_model(source)[0].n_layers)  # no family claims it: load_model's one-line error
+            return family, source
+    known = "; ".join(f"{f.name} ({f.description})" if f.description else f.name for f in families)
+    raise PrunebenchError(f"--model {source!r}: no model family loads it (known families: "
+                          f"{known or 'none'})")
 
 
 def model_families() -> list[ModelFamily]:

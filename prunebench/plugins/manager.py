@@ -107,7 +107,8 @@ class PluginManager:
         if not self.pm.get_hookcallers(plugin):
             self.unregister(name)
             raise PluginError(f"plugin {spec!r} implements no prunebench hook (expected "
-                              "@prunebench.hookimpl def prunebench_register_strategies(register))")
+                              "@prunebench.hookimpl def prunebench_register_strategies(register), or "
+                              "prunebench_register_models())")
         self._sources[name] = "file" if is_file else "module"
         return name
 
@@ -168,7 +169,7 @@ class PluginManager:
         return self._strategies
 
     def builtin_strategies(self) -> list[str]:
-        """Names of the strategies shipped with prunebench (package ``strategies``), dense excluded."""
+        """Names of the strategies shipped with prunebench (``prunebench.strategies``), dense excluded."""
         return [n for n, r in self.strategies().items() if r.plugin in self._builtin]
 
     def get(self, name: str) -> type[Strategy]:

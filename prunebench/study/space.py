@@ -26,7 +26,7 @@ class SearchTrial:
     def __init__(self, trial: optuna.Trial | None, space: dict[str, list], fixed: dict[str, Any],
                  n_layers: int | None = None) -> None:
         self.trial, self.space, self.fixed = trial, space, fixed
-        self.n_layers = n_layers if n_layers is not None else builtin_depth()
+        self.n_layers = n_layers if n_layers is not None else model_depth(None)  # the built-in model
         self.seen: dict[str, tuple[str, Any]] = {}  # parameter -> (kind, range or choices)
 
     def _suggest(self, kind: str, name: str, bounds, **kw):
@@ -57,11 +57,6 @@ def model_depth(source: str | None) -> int:
     from prunebench.models import model_depth as depth
 
     return depth(source)
-
-
-def builtin_depth() -> int:
-    """Depth of the built-in model: the search spaces' model when a study names none."""
-    return model_depth(None)
 
 
 def parameters(strategy: str, n_layers: int | None = None) -> dict[str, tuple[str, list]]:
