@@ -24,7 +24,7 @@ class FakeEnv:
         self.actions: list[np.ndarray] = []
 
     def reset(self, init_state_id, seed=0):
-        self.t = 0
+        self.t, self.seed = 0, seed
         return self._state()
 
     def step(self, action):
@@ -127,6 +127,28 @@ def test_dense_reference_gives_speedup_and_action_error_and_is_deterministic(tin
     assert [q.action_error_vs_dense for q in a.queries] == [q.action_error_vs_dense for q in b.queries]
     (dense,), _ = run(tiny_path, strategy="none", max_steps=8)
     assert dense.queries[0].dense_ms is None
+
+
+def test_an_episode_plays_the_same_in_any_run_that_holds_it(tiny_path):
+    """Seeds come from (run seed, suite, task, init state), not from the episode's position in the
+    run: task 1 alone and task 1 after task 0 are the same episode, so runs and shards pair."""
+    cfg = EvalConfig(strategy="random", config={"keep_ratio": 0.25}, model=tiny_path, max_steps=16)
+
+    def play(tasks):
+        envs = []
+        runner = EpisodeRunner(cfg, make_env=lambda job: envs.append(FakeEnv(job)) or envs[-1])
+        runner.engine.record_kept = True
+        episodes = [runner.run(Job("libero_object", t, 3, i)) for i, t in enumerate(tasks)]
+        return episodes[-1], envs[-1]
+
+    (both, env_both), (alone, env_alone) = play([0, 1]), play([1])
+    assert (both.episode_index, alone.episode_index) == (1, 0)  # positions differ ...
+    assert (both.success, both.failure_reason, both.steps) == (alone.success, alone.failure_reason, alone.steps)
+    assert env_both.seed == env_alone.seed
+    assert np.array_equal(np.stack(env_both.actions), np.stack(env_alone.actions))
+    kept = lambda e: [[s.kept for s in q.stages] for q in e.queries]  # noqa: E731
+    assert kept(both) == kept(alone) and kept(both)[0][0] is not None  # ... the episode does not
+    assert Job("libero_object", 1, 3, 0).seed_key != Job("libero_object", 1, 4, 0).seed_key
 
 
 def test_action_readout_convention():

@@ -30,6 +30,8 @@ def test_compare_table_speedup_is_its_own_latency_columns_divided(engine):
     dense, pruned = rows["none"], rows["random"]
     assert pruned.speedup_total == pytest.approx(dense.query_ms / pruned.query_ms)
     assert pruned.speedup_llm == pytest.approx(dense.llm_ms / pruned.llm_ms)
+    lo, hi = (float(v) for v in pruned.speedup_ci95.strip("[]").split(", "))  # bootstrap over query pairs
+    assert lo <= round(pruned.speedup_total, 2) <= hi and dense.speedup_ci95 == "-"
 
 
 def test_action_error_means_the_same_in_compare_and_replay(engine):

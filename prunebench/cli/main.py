@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from prunebench.cli import compare, libero, models, runs, strategies, study
+from prunebench.cli import compare, libero, models, planning, report, runs, strategies, study
 from prunebench.cli.arguments import _Parser
 from prunebench.contract.errors import PrunebenchError
 from prunebench.runtime.interrupts import exit_code, sigterm_interrupts
@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_parsers(sub)  # compare
     models.add_parsers(sub)  # check-oft
     study.add_parsers(sub)  # study, plot
+    planning.add_parsers(sub)  # plan-episodes
+    report.add_parsers(sub)  # report
     return parser
 
 

@@ -167,40 +167,22 @@ def cmd_plot(args) -> int:
 
 def _token_plots(defn, representatives, out: Path, args) -> list[Path]:
     """Heatmap and overlay for each strategy's representative front config, on one stream."""
-    from prunebench.engine.loop import PruningEngine
+    from prunebench.evaluation.figures import token_plots
     from prunebench.evaluation.replay import RecordedStream
-    from prunebench.evaluation.runner import run_stream
     from prunebench.evaluation.streams import SyntheticStream
     from prunebench.models import load_model
-    from prunebench.plugins.manager import MANAGER
-    from prunebench.study import plots
 
     evaluation = defn.evaluation
     model, _ = load_model(evaluation.model, seed=defn.seed, suite=evaluation.closed_loop.get("suite"),
                           device=evaluation.device)
-    engine = PruningEngine(model, record_kept=True)
     if args.stream:
         stream = RecordedStream(args.stream)
     else:
         stream = SyntheticStream(n_queries=args.queries, seed=defn.seed, image_size=model.cfg.image_size)
     source = Path(args.stream).name if args.stream else "synthetic stream"
-    items = list(stream)  # read (or generated) once for every strategy
-    layout = model.encode(items[0].observation).layout
-    last = len(items) - 1
-    written = []
-    for _, row in representatives[~representatives["dense"]].iterrows():
-        strategy = MANAGER.create(row["strategy"], json.loads(row["config"]))
-        results = run_stream(engine, strategy, items, seed=defn.seed)
-        present = plots.kept_per_layer(results, layout, model.n_layers)
-        label = f"{row['strategy']} trial {row['trial']}"
-        written += plots.kept_token_heatmap(present, out / f"kept_tokens_{row['strategy']}",
-                                            f"{label}: visual tokens present per layer ({source})")
-        removals = list(results[last].kept.values())  # kept sets in stage order
-        kept = removals[-1].numpy() if removals else list(range(layout.n_visual))
-        written += plots.kept_patch_overlay(items[last].observation.images, kept, layout,
-                                            out / f"kept_patches_{row['strategy']}",
-                                            f"{label}: patches kept at the last removal, query {last}")
-    return written
+    configs = [(row["strategy"], f"{row['strategy']} trial {row['trial']}", row["strategy"], json.loads(row["config"]))
+               for _, row in representatives[~representatives["dense"]].iterrows()]
+    return token_plots(model, configs, list(stream), out, defn.seed, source)  # the stream read once
 
 
 def add_parsers(sub) -> None:

@@ -54,6 +54,8 @@ class EnvStep:
 class EpisodeInfo:
     """Passed to ``on_episode_start``."""
 
+    # identifies the episode for seeding: in closed loop a stable key of (suite, task, init state),
+    # the same whichever run or shard plays it; on a stream, the stream's position
     episode_index: int
     seed: int
     instruction: str = ""

@@ -124,6 +124,8 @@ def protocol(cfg: EvalConfig, chunk: int) -> dict:
             "action_readout": "unnormalised, clipped to [-1, 1], gripper binarised by sign",
             "dense_reference": cfg.dense_reference and cfg.strategy != DENSE,
             "skip_first_actions": cfg.skip_first_actions,
+            # a report pairs or merges runs only under one seed policy (prunebench.evaluation.paired)
+            "episode_seed": "query_seed(seed, crc32('suite/task_id/init_state_id'), query)",
             "stock": (max_steps == stock and cfg.render_quality == "stock" and cfg.hard_reset
                       and cfg.skip_first_actions == 0)}
 

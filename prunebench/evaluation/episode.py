@@ -15,6 +15,7 @@ from __future__ import annotations
 import random
 import time
 import traceback
+import zlib
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,14 @@ class Job:
     suite: str
     task_id: int
     init_state_id: int
-    episode_index: int
+    episode_index: int  # position in the run: ordering and reports only, never seeds
+
+    @property
+    def seed_key(self) -> int:
+        """The episode's number for seeding: a function of (suite, task, init state) alone, so an episode
+        gets the same seeds in any run, shard or order, and every strategy's episode pairs with dense's.
+        crc32, not ``hash``: Python salts string hashes per process."""
+        return zlib.crc32(f"{self.suite}/{self.task_id}/{self.init_state_id}".encode())
 
 
 def postprocess_action(action: np.ndarray) -> np.ndarray:
@@ -156,13 +164,13 @@ class _Episode:
 
         cfg, job = self.owner.cfg, self.job
         max_steps = cfg.max_steps or stock_max_steps(job.suite)
-        seed_of_episode = query_seed(cfg.seed, job.episode_index, 0)
-        runner = StreamRunner(self.owner.engine, self.owner.strategy, cfg.seed, job.episode_index)
-        dense = (StreamRunner(self.owner.engine, self.owner.dense, cfg.seed, job.episode_index)
+        seed_of_episode = query_seed(cfg.seed, job.seed_key, 0)
+        runner = StreamRunner(self.owner.engine, self.owner.strategy, cfg.seed, job.seed_key)
+        dense = (StreamRunner(self.owner.engine, self.owner.dense, cfg.seed, job.seed_key)
                  if self.owner.dense else None)
         recorder = StreamRecorder(meta={
             "suite": job.suite, "task_id": job.task_id, "task": env.task.name,
-            "init_state_id": job.init_state_id, "episode_index": job.episode_index,
+            "init_state_id": job.init_state_id, "episode_index": job.episode_index, "seed_key": job.seed_key,
             "camera_size": cfg.camera_size, "render_quality": cfg.render_quality}) if cfg.record_dir else None
         instruction = env.task.instruction
         state = env.reset(job.init_state_id, seed=seed_of_episode % 2**31)

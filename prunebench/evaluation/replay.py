@@ -169,8 +169,9 @@ def replay(engine, strategy: Strategy, streams: list[RecordedStream], seed: int 
                 f"{stream.describe().get('path', 'the stream')} holds {stream.history_frames} frames "
                 f"before each query; strategy {name!r} needs {strategy.history_frames} (record with --record-history "
                 f"{strategy.history_frames})")
+        # the live episode's seeds (episode.Job.seed_key); streams recorded before it: their position
         out = run_interleaved(engine, {"dense": Dense(), name: strategy}, stream,
-                              seed=seed, episode=index)
+                              seed=seed, episode=getattr(stream, "header", {}).get("seed_key", index))
         dense, pruned = out["dense"], out[name]
         per_stream.append(StreamReplay(source=stream.describe(), action_error=[
             metrics.action_error(p.normalized, d.normalized) for p, d in zip(pruned, dense)]))

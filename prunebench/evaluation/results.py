@@ -27,20 +27,24 @@ from prunebench.engine.accounting import STAGES, QueryRecord
 from prunebench.evaluation import contention, metrics
 from prunebench.evaluation.contention import Contention
 
-SCHEMA_VERSION = 2  # 2: action error on normalised actions, episode errors apart from failures
+# 2: action error on normalised actions, episode errors apart from failures; 3: episode seeds from
+# (seed, suite, task, init state), not the episode's position in the run (protocol.episode_seed); Stats.p10
+SCHEMA_VERSION = 3
 
 
 class Stats(BaseModel):
     mean: float
     median: float
+    p10: float = float("nan")  # NaN in files written before schema 3
     p90: float
 
     @classmethod
     def of(cls, values) -> "Stats":
         a = np.asarray(list(values), dtype=float)
         if a.size == 0:
-            return cls(mean=float("nan"), median=float("nan"), p90=float("nan"))
-        return cls(mean=float(a.mean()), median=float(np.median(a)), p90=float(np.percentile(a, 90)))
+            return cls(mean=float("nan"), median=float("nan"), p10=float("nan"), p90=float("nan"))
+        return cls(mean=float(a.mean()), median=float(np.median(a)), p10=float(np.percentile(a, 10)),
+                   p90=float(np.percentile(a, 90)))
 
 
 class QuerySummary(BaseModel):

@@ -6,7 +6,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from prunebench.engine.loop import QueryResult
-from prunebench.evaluation import contention, metrics
+from prunebench.evaluation import contention, metrics, paired
 from prunebench.evaluation.contention import Contention
 from prunebench.evaluation.results import EvalResults, GroupResult
 from prunebench.plugins.dense import DENSE
@@ -21,6 +21,7 @@ class ComparisonRow(BaseModel):
     llm_ms: float
     overhead_ms: float
     speedup_total: float  # metrics.speedup
+    speedup_ci95: str = "-"  # bootstrap over paired queries (paired.query_speedup_interval)
     speedup_llm: float
     flops_ideal_speedup: float  # metrics.flops_ideal_speedup
     action_error_vs_dense: float  # metrics.action_error, mean over queries
@@ -42,6 +43,7 @@ def compare_rows(results: dict[str, list[QueryResult]], dense: str = DENSE, load
             query_ms=metrics.latency_ms(ms), llm_ms=metrics.latency_ms(ms, "llm"),
             overhead_ms=metrics.latency_ms(ms, "overhead"),
             speedup_total=metrics.speedup(base_ms, ms), speedup_llm=metrics.speedup(base_ms, ms, "llm"),
+            speedup_ci95=_interval(paired.query_speedup_interval(base_ms, ms), 1, "{:.2f}") if name != dense else "-",
             flops_ideal_speedup=metrics.flops_ideal_speedup([r.record.llm_flops for r in base],
                                                             [r.record.llm_flops for r in rs]),
             action_error_vs_dense=float(np.mean([metrics.action_error(r.normalized, b.normalized)
@@ -74,7 +76,8 @@ COMPARISON_COLUMNS = [
     ("strategy", "strategy", ""), ("mean_visual_tokens", "visual tok", ".1f"),
     ("query_ms", "query ms", ".2f"), ("llm_ms", "LLM ms", ".2f"),
     ("overhead_ms", "overhead ms", ".2f"), ("speedup_total", "speedup", ".2f"),
-    ("speedup_llm", "LLM speedup", ".2f"), ("flops_ideal_speedup", "FLOPs-ideal", ".2f"),
+    ("speedup_ci95", "speedup 95% CI", ""), ("speedup_llm", "LLM speedup", ".2f"),
+    ("flops_ideal_speedup", "FLOPs-ideal", ".2f"),
     ("action_error_vs_dense", "action error vs dense", ".4f"), ("contended", "contended", ""),
 ]
 
@@ -94,6 +97,12 @@ class ClosedLoopRow(BaseModel):
     mean_visual_tokens: float | None
     llm_gflops: float | None
     contended: bool | None = None  # its latency was measured on a busy machine (prunebench.evaluation.contention)
+    # paired with dense's episodes (prunebench.evaluation.paired); None/"-" for dense or without a dense run
+    success_diff: float | None = None  # points: success rate minus dense's, over the paired episodes
+    success_diff_ci95: str = "-"  # Newcombe's interval, points
+    p_holm: float | None = None  # McNemar exact test, Holm-adjusted over the strategies
+    not_worse: bool | None = None  # the interval's lower bound above -delta
+    speedup_ci95: str = "-"  # bootstrap over episodes
     results_file: str
 
 
@@ -112,7 +121,11 @@ def group_cells(group: GroupResult) -> dict:
             "contended": group.contention.contended if group.contention else None}
 
 
-def closed_loop_rows(results: dict[str, EvalResults], files: dict[str, str]) -> list[ClosedLoopRow]:
+def closed_loop_rows(results: dict[str, EvalResults], files: dict[str, str],
+                     delta: float = paired.DELTA) -> list[ClosedLoopRow]:
+    """One row per run; each strategy's success paired with dense's episodes when a dense run is there."""
+    diffs = (paired.compare_to_baseline({name: res.episodes for name, res in results.items()}, DENSE, delta)
+             if DENSE in results else {})
     rows = []
     for name, res in results.items():
         if res.overall is None:
@@ -120,14 +133,29 @@ def closed_loop_rows(results: dict[str, EvalResults], files: dict[str, str]) -> 
         cells = {k: v for k, v in group_cells(res.overall).items() if k in ClosedLoopRow.model_fields}
         if name == DENSE:  # the reference itself
             cells.update(speedup_vs_dense=1.0, dense_query_ms=cells["query_ms"])
+        else:
+            cells.update(speedup_ci95=_interval(paired.speedup_interval(res.episodes), 1, "{:.2f}"))
+        if name in diffs and diffs[name].n_pairs:
+            d = diffs[name]
+            cells.update(success_diff=100 * d.difference, success_diff_ci95=_interval(d.ci95, 100, "{:+.1f}"),
+                         p_holm=d.p_holm, not_worse=d.not_worse)
         rows.append(ClosedLoopRow(strategy=name, results_file=files[name], **cells))
     return rows
+
+
+def _interval(bounds: tuple[float, float] | None, scale: float, spec: str) -> str:
+    if bounds is None or any(np.isnan(b) for b in bounds):  # not measured (too few episodes or queries)
+        return "-"
+    return "[" + ", ".join(spec.format(scale * b) for b in bounds) + "]"
 
 
 CLOSED_LOOP_COLUMNS = [
     ("strategy", "strategy", ""), ("episodes", "episodes", "d"), ("errors", "errors", "d"),
     ("success_rate", "success", ".2f"), ("success_ci95", "95% CI", ""), ("query_ms", "query ms", ".2f"),
     ("dense_query_ms", "dense ms", ".2f"), ("speedup_vs_dense", "speedup vs dense", ".2f"),
-    ("mean_visual_tokens", "visual tok", ".1f"),
-    ("llm_gflops", "LLM GFLOPs", ".3f"), ("contended", "contended", ""),
+    ("speedup_ci95", "speedup 95% CI", ""), ("mean_visual_tokens", "visual tok", ".1f"),
+    ("llm_gflops", "LLM GFLOPs", ".3f"), ("success_diff", "Δ vs dense", "+.1f"),
+    ("success_diff_ci95", "Δ 95% CI", ""), ("p_holm", "p (Holm)", ".3f"),
+    # the header names the default margin, the one closed_loop_rows uses unless given another
+    ("not_worse", f"not worse (δ {100 * paired.DELTA:g} pts)", ""), ("contended", "contended", ""),
 ]

@@ -34,8 +34,8 @@ OBJECTIVES: dict[str, tuple[str, tuple[str, ...], str]] = {
     "gflops": ("minimize", MODES, "mean LLM GFLOPs per query"),
 }
 MEASURED_AGAINST_DENSE = ("speedup", "action_error")  # need the dense forward on every query
-METRICS = ("success_rate", "success_ci95", "n_episodes", "n_errors", "latency_ms", "speedup", "action_error",
-           "gflops", "visual_tokens", "keep_ratio", "latency_breakdown_ms",
+METRICS = ("success_rate", "success_ci95", "n_episodes", "n_errors", "latency_ms", "latency_p10_ms",
+           "latency_p90_ms", "speedup", "action_error", "gflops", "visual_tokens", "keep_ratio", "latency_breakdown_ms",
            "contended", "threads", "device")  # how the latency was measured (prunebench.evaluation.contention)
 
 
@@ -92,7 +92,9 @@ class Constraints(BaseModel):
 
 
 class ValidateFront(BaseModel):
-    """Multi-fidelity: after the search, evaluate each strategy's front in closed loop."""
+    """Multi-fidelity: after the search, evaluate each strategy's front (and the dense baseline) in
+    closed loop again, e.g. on more episodes. In a closed-loop study these fields override the
+    evaluation's (``{episodes: 12}`` escalates the same protocol); otherwise they are the whole run."""
 
     model_config = ConfigDict(extra="forbid")
     closed_loop: dict[str, Any] = Field(default_factory=dict)  # EvalConfig fields, as in Evaluation
@@ -182,8 +184,14 @@ class StudyDefinition(BaseModel):
             raise ValueError(f"objectives: {needs_dense[0]} is measured against the dense reference, "
                              "which evaluation.closed_loop.dense_reference turns off")
         if self.validate_front is not None:
-            Evaluation(mode="closed_loop", closed_loop=self.validate_front.closed_loop)
+            Evaluation(mode="closed_loop", closed_loop=self.validation_closed_loop)
         return self
+
+    @property
+    def validation_closed_loop(self) -> dict[str, Any]:
+        """The closed-loop fields front trials are validated with (see :class:`ValidateFront`)."""
+        base = self.evaluation.closed_loop if self.evaluation.mode == "closed_loop" else {}
+        return {**base, **(self.validate_front.closed_loop if self.validate_front else {})}
 
     @property
     def n_layers(self) -> int:
@@ -213,7 +221,7 @@ class StudyDefinition(BaseModel):
             configs["evaluation.closed_loop"] = self.evaluation.eval_config(DENSE, {}, 0)
         if self.validate_front is not None:
             configs["validate_front.closed_loop"] = Evaluation(
-                mode="closed_loop", closed_loop=self.validate_front.closed_loop).eval_config(DENSE, {}, 0)
+                mode="closed_loop", closed_loop=self.validation_closed_loop).eval_config(DENSE, {}, 0)
         if not configs or not libero_available():
             return  # without LIBERO, the first closed-loop trial says so
         for where, cfg in configs.items():

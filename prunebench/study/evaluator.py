@@ -86,7 +86,9 @@ class Evaluator:
 
     def _metrics(self, queries, **measured) -> dict[str, Any]:
         """Definitions in prunebench.evaluation.metrics: latency is the median, its breakdown per stage means."""
-        return {"latency_ms": queries.latency_ms["total"].median, "gflops": queries.mean_llm_flops / 1e9,
+        total = queries.latency_ms["total"]
+        return {"latency_ms": total.median, "latency_p10_ms": total.p10, "latency_p90_ms": total.p90,
+                "gflops": queries.mean_llm_flops / 1e9,
                 "visual_tokens": queries.mean_visual_tokens,
                 "keep_ratio": queries.mean_visual_tokens / self.n_visual,
                 "latency_breakdown_ms": {stage: s.mean for stage, s in queries.latency_ms.items()},

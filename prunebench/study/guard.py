@@ -135,7 +135,7 @@ def identity(defn: StudyDefinition, strategy: str) -> dict[str, Any]:
     else:
         out["evaluation.queries"] = ev.queries
     if defn.validate_front is not None:
-        out.update(_flat("validate_front.closed_loop", _episodes(defn.validate_front.closed_loop)))
+        out.update(_flat("validate_front.closed_loop", _episodes(defn.validation_closed_loop)))
     if strategy != DENSE:
         search = defn.search(strategy)
         out.update(_flat(f"strategies.{strategy}.config", search.config))

@@ -37,20 +37,91 @@ def trials_table(defn: StudyDefinition) -> pd.DataFrame:
             for stage, ms in (attrs.get("latency_breakdown_ms") or {}).items():
                 row[f"ms_{stage}"] = ms
             for key, value in (study_attrs.get(validated_key(t.number)) or {}).items():
-                if not isinstance(value, (dict, list)):
+                if key == "latency_breakdown_ms":
+                    row.update({f"validated_ms_{stage}": ms for stage, ms in value.items()})
+                elif not isinstance(value, dict):
                     row[f"validated_{key}"] = value
             rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty:
         return df
     df = df.sort_values(["strategy", "trial"]).reset_index(drop=True)
+    df = _escalated(df, defn)
     values, signs = objective_matrix(df, defn)
+    # once fronts are validated, the fronts are drawn among the validated trials only: they rest on
+    # the validation's episodes, not on the search's few
+    among = df["fidelity"].eq("validated").to_numpy() if df["fidelity"].eq("validated").any() else True
+    feasible = df["feasible"].to_numpy() & among
     df["front"] = False
     for _, index in df.groupby("strategy").groups.items():
         index = np.asarray(list(index))
-        df.loc[index, "front"] = pareto_mask(values[index], df["feasible"].to_numpy()[index])
-    df["combined_front"] = pareto_mask(values, df["feasible"].to_numpy())
+        df.loc[index, "front"] = pareto_mask(values[index], feasible[index])
+    df["combined_front"] = pareto_mask(values, feasible)
+    _spread(df)
+    _versus_dense(df)
     return df
+
+
+def _escalated(df: pd.DataFrame, defn: StudyDefinition) -> pd.DataFrame:
+    """A validated trial's measurements replace its search ones (kept as ``search_<metric>``)."""
+    df["fidelity"] = "search"
+    if "validated_results" not in df:
+        return df
+    validated = df["validated_results"].notna()
+    stages = [c[len("validated_"):] for c in df if c.startswith("validated_ms_")]
+    for metric in [m for m in METRICS if f"validated_{m}" in df] + stages:
+        df[f"search_{metric}"] = df[metric]
+        df.loc[validated, metric] = df.loc[validated, f"validated_{metric}"]
+    df.loc[validated, "results"] = df.loc[validated, "validated_results"]
+    df.loc[validated, "fidelity"] = "validated"
+    return df
+
+
+def _spread(df: pd.DataFrame) -> None:
+    """Error-bar columns for the front plots: the success rate's 95 % Wilson interval and the
+    latency's p10-p90 over queries."""
+    ci = df["success_ci95"] if "success_ci95" in df else pd.Series(None, index=df.index, dtype=object)
+    df["success_lo"] = [c[0] if isinstance(c, (list, tuple)) else np.nan for c in ci]
+    df["success_hi"] = [c[1] if isinstance(c, (list, tuple)) else np.nan for c in ci]
+    df["latency_lo"] = df.get("latency_p10_ms", np.nan)
+    df["latency_hi"] = df.get("latency_p90_ms", np.nan)
+
+
+def _versus_dense(df: pd.DataFrame) -> None:
+    """For the combined front's closed-loop points: the success difference to the dense baseline
+    on the same episodes (paired, prunebench.evaluation.paired) and whether it is significant after
+    Holm's correction over those points (``distinguishable``)."""
+    from prunebench.evaluation.paired import compare_to_baseline
+
+    for column in ("success_diff", "success_diff_lo", "success_diff_hi", "p_holm", "distinguishable"):
+        df[column] = None
+    dense = df[df["dense"]]
+    points = df[df["combined_front"] & ~df["dense"]]
+    if dense.empty or points.empty or not df["success_rate"].notna().any():
+        return
+    runs = {DENSE: _episodes(dense["results"].iloc[0])}
+    runs.update({str(i): _episodes(path) for i, path in points["results"].items()})
+    if not runs[DENSE] or not all(runs.values()):
+        return
+    for i, paired in compare_to_baseline(runs, baseline=DENSE).items():
+        if paired.n_pairs:
+            index = int(i)
+            df.at[index, "success_diff"] = paired.difference
+            df.at[index, "success_diff_lo"], df.at[index, "success_diff_hi"] = paired.ci95
+            df.at[index, "p_holm"] = paired.p_holm
+            df.at[index, "distinguishable"] = bool(paired.p_holm < 0.05)
+
+
+def _episodes(path) -> list:
+    """The episodes of a closed-loop results file ([] for a replay or synthetic trial's file)."""
+    from pathlib import Path
+
+    from prunebench.evaluation.results import EpisodeResult
+
+    if not isinstance(path, str) or not Path(path).exists():
+        return []
+    data = json.loads(Path(path).read_text())
+    return [EpisodeResult.model_validate(e) for e in data.get("episodes", [])]
 
 
 def objective_matrix(df: pd.DataFrame, defn: StudyDefinition) -> tuple[np.ndarray, np.ndarray]:

@@ -1,9 +1,9 @@
-"""Comparison plots (seaborn), each saved as PNG and PDF.
-
-From a study's trials table (:func:`prunebench.study.pareto.trials_table`): the Pareto front per strategy
-with the dense baseline, quality vs keep ratio with 95 % confidence bands, speedup per suite,
-the latency breakdown and hypervolume vs trials. From a strategy run on an observation stream: the
-per-layer kept-token heatmap and the kept-patch overlay on the camera frames.
+"""A study's plots, each saved as PNG and PDF, from its trials table
+(:func:`prunebench.study.pareto.trials_table`): the Pareto front per strategy with the dense
+baseline, quality vs keep ratio with 95 % confidence bands, speedup per suite, the latency breakdown
+of the front's representatives and hypervolume vs trials. The drawing shared with results files
+(``prunebench report``) -- fronts, latency breakdown, kept-token plots -- is in
+:mod:`prunebench.evaluation.figures`.
 """
 
 from __future__ import annotations
@@ -19,28 +19,15 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from prunebench.evaluation import figures  # noqa: E402
+from prunebench.evaluation.figures import LABELS, save  # noqa: E402
 from prunebench.plugins.dense import DENSE  # noqa: E402
 from prunebench.study.definition import OBJECTIVES  # noqa: E402
 
-LABELS = {"success_rate": "success rate", "latency_ms": "mean query latency (ms)",
-          "speedup": "speedup vs dense (x)", "action_error": "action error vs dense (L1)",
-          "gflops": "LLM GFLOPs per query", "keep_ratio": "visual tokens kept (fraction)"}
-STAGES = ("vision", "llm", "head", "overhead")  # the latency breakdown, bottom to top
-
-
-def save(fig, stem: Path) -> list[Path]:
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
-    fig.tight_layout()
-    for path in paths:
-        fig.savefig(path, dpi=150)
-    plt.close(fig)
-    return paths
-
-
-def _palette(strategies) -> dict:
-    names = sorted(s for s in set(strategies) if s != DENSE)
-    return dict(zip(names, sns.color_palette("colorblind", len(names))))
+_palette = figures.palette
+# the generic drawing, under the names `prunebench plot` has always used
+latency_breakdown, kept_per_layer = figures.latency_breakdown, figures.kept_per_layer
+kept_token_heatmap, kept_patch_overlay = figures.kept_token_heatmap, figures.kept_patch_overlay
 
 
 def _axes(objectives: list[str]) -> tuple[str, str]:
@@ -55,28 +42,10 @@ def _axes(objectives: list[str]) -> tuple[str, str]:
 # --------------------------------------------------------------------------- study plots
 def pareto_front(df: pd.DataFrame, objectives: list[str], stem: Path, title: str = "") -> list[Path]:
     """All trials (dominated ones faint), each strategy's front as a step line, the combined front
-    dashed, the dense baseline as a star."""
+    dashed, the dense baseline as a star; error bars and filled/hollow markers when the table has
+    the columns :mod:`prunebench.evaluation.figures` describes."""
     x, y = _axes(objectives)
-    colours = _palette(df["strategy"])
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    searched = df[~df["dense"]]
-    sns.scatterplot(data=searched[~searched["front"]], x=x, y=y, hue="strategy", palette=colours,
-                    alpha=0.25, legend=False, ax=ax)
-    sns.scatterplot(data=searched[searched["front"]], x=x, y=y, hue="strategy", palette=colours,
-                    s=50, ax=ax)
-    for strategy, group in searched[searched["front"]].groupby("strategy"):
-        group = group.sort_values(x)
-        ax.plot(group[x], group[y], drawstyle="steps-post", color=colours[strategy], lw=1.2)
-    combined = df[df["combined_front"]].sort_values(x)
-    ax.plot(combined[x], combined[y], drawstyle="steps-post", color="black", ls="--", lw=1,
-            label="combined front")
-    dense = df[df["dense"]]
-    ax.scatter(dense[x], dense[y], marker="*", s=250, color="gold", edgecolor="black", zorder=5,
-               label="dense baseline")
-    ax.set(xlabel=LABELS.get(x, x), ylabel=LABELS.get(y, y),
-           title=title or f"Pareto front: {LABELS.get(y, y)} vs {LABELS.get(x, x)}")
-    ax.legend(fontsize=8)
-    return save(fig, stem)
+    return figures.pareto_front(df, x, y, stem, title)
 
 
 def _episode_rows(df: pd.DataFrame) -> pd.DataFrame:
@@ -134,21 +103,6 @@ def speedup_per_suite(df: pd.DataFrame, stem: Path) -> list[Path]:
     return save(fig, stem)
 
 
-def latency_breakdown(rows: pd.DataFrame, stem: Path) -> list[Path]:
-    """Stacked bars of mean ms per stage (vision / LLM / head / pruning overhead), one per row
-    (``label`` column; ``ms_<stage>`` columns)."""
-    fig, ax = plt.subplots(figsize=(7, 4))
-    bottom = np.zeros(len(rows))
-    for stage, colour in zip(STAGES, sns.color_palette("pastel", len(STAGES))):
-        values = rows.get(f"ms_{stage}", pd.Series(0.0, index=rows.index)).fillna(0).to_numpy()
-        ax.bar(rows["label"], values, bottom=bottom, label=stage, color=colour, edgecolor="grey")
-        bottom += values
-    ax.set(ylabel="mean ms per query", title="Latency breakdown (scoring and pruning = overhead)")
-    ax.tick_params(axis="x", rotation=20)
-    ax.legend(fontsize=8)
-    return save(fig, stem)
-
-
 def front_representatives(df: pd.DataFrame, objectives: list[str]) -> pd.DataFrame:
     """Per strategy, the front trial with the best quality objective (the dense baseline first)."""
     _, y = _axes(objectives)
@@ -166,50 +120,4 @@ def hypervolume_vs_trials(hv: pd.DataFrame, stem: Path) -> list[Path]:
     sns.lineplot(data=hv, x="trials", y="hypervolume", hue="strategy", palette=palette, ax=ax)
     ax.set(xlabel="complete trials", ylabel="hypervolume (common reference point)",
            title="Search quality: hypervolume vs trials")
-    return save(fig, stem)
-
-
-# --------------------------------------------------------------------------- token plots
-def kept_per_layer(results, layout, n_layers: int) -> np.ndarray:
-    """Fraction of queries in which each visual token is present at each layer: (n_layers, n_visual).
-    Needs an engine run with ``record_kept=True``."""
-    present = np.zeros((n_layers, layout.n_visual))
-    for result in results:
-        alive = np.ones(layout.n_visual, bool)
-        for layer in range(n_layers):
-            where = "before_llm" if layer == 0 else f"after_layer_{layer - 1}"
-            if where in result.kept:
-                alive = np.zeros(layout.n_visual, bool)
-                alive[result.kept[where].numpy()] = True
-            present[layer] += alive
-    return present / max(1, len(results))
-
-
-def kept_token_heatmap(present: np.ndarray, stem: Path, title: str) -> list[Path]:
-    fig, ax = plt.subplots(figsize=(9, 0.5 * len(present) + 1.8))
-    sns.heatmap(present, vmin=0, vmax=1, cmap="viridis", ax=ax,
-                cbar_kws={"label": "fraction of queries kept"})
-    ax.set(xlabel="visual token index (views in order, row-major patches)", ylabel="LLM layer", title=title)
-    ax.set_xticks(np.arange(0, present.shape[1], 16) + 0.5, np.arange(0, present.shape[1], 16))
-    return save(fig, stem)
-
-
-def kept_patch_overlay(images: dict[str, np.ndarray], kept: np.ndarray, layout, stem: Path,
-                       title: str) -> list[Path]:
-    """Each camera frame with the removed patches darkened (``kept``: visual indices kept)."""
-    views = list(images)
-    fig, axes = plt.subplots(1, len(views), figsize=(4 * len(views), 4.3))
-    axes = np.atleast_1d(axes)
-    keep = np.zeros(layout.n_visual, bool)
-    keep[kept] = True
-    for v, (ax, view) in enumerate(zip(axes, views)):
-        image = images[view].astype(float) / 255
-        span = layout.views[v]
-        mask = keep[list(layout.visual_range(v))].reshape(span.rows, span.cols)
-        rows = np.arange(image.shape[0]) * span.rows // image.shape[0]  # patch row of each pixel row
-        cols = np.arange(image.shape[1]) * span.cols // image.shape[1]
-        scale = mask[rows][:, cols].astype(float)
-        ax.imshow(image * (0.25 + 0.75 * scale[..., None]))
-        ax.set(title=f"{view}: {mask.sum()}/{mask.size} patches kept", xticks=[], yticks=[])
-    fig.suptitle(title)
     return save(fig, stem)

@@ -228,7 +228,7 @@ class StudyRunner:
     def validate_fronts(self) -> None:
         """Evaluate each strategy's front points (and the dense baseline) in closed loop; the
         results land in the study's ``validated:<trial>`` user attributes."""
-        closed_loop = self.defn.validate_front.closed_loop
+        closed_loop = self.defn.validation_closed_loop
         for strategy in self.defn.searched():
             study = open_study(self.defn, strategy, self.storage)
             for frozen in _front(study):
