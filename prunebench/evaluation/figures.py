@@ -6,8 +6,8 @@ map, kept patches on the camera frames).
 
 Error bars and markers: a front row may carry ``success_lo``/``success_hi`` (95 % Wilson interval of
 its success rate), ``latency_lo``/``latency_hi`` (p10-p90 of its query latency) and
-``distinguishable`` (its paired test against dense is significant after Holm's correction: filled
-marker; not distinguishable: hollow).
+``distinguishable`` (its paired test against dense is significant after Holm's correction: a
+black ring; not distinguishable: hollow; not tested, None: a plain marker).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import seaborn as sns  # noqa: E402
 
 from prunebench.plugins.dense import DENSE  # noqa: E402
 
-LABELS = {"success_rate": "success rate", "latency_ms": "mean query latency (ms)",
+LABELS = {"success_rate": "success rate", "latency_ms": "median query latency (ms)",
           "speedup": "speedup vs dense (x)", "action_error": "action error vs dense (L1)",
           "gflops": "LLM GFLOPs per query", "keep_ratio": "visual tokens kept (fraction)"}
 STAGES = ("vision", "llm", "head", "overhead")  # the latency breakdown, bottom to top
@@ -72,10 +72,13 @@ def pareto_front(df: pd.DataFrame, x: str, y: str, stem: Path, title: str = "",
             alpha, size = (1.0, 50) if on_front else (0.25, 20)
             if err["xerr"] is not None or err["yerr"] is not None:
                 ax.errorbar(part[x], part[y], fmt="none", ecolor=colour, alpha=0.6 * alpha, lw=1, capsize=2, **err)
-            filled = part["distinguishable"].fillna(True).astype(bool) if marked else pd.Series(True, part.index)
-            for fill, points in part.groupby(filled):
-                ax.scatter(points[x], points[y], s=size, alpha=alpha, edgecolor=colour, linewidths=1.2,
-                           facecolor=colour if fill else "none", label=None if named else strategy)
+            # tested against dense: True (differs: black ring), False (hollow); untested (None): plain
+            tested = part["distinguishable"] if marked else pd.Series(None, part.index, dtype=object)
+            verdict = tested.map(lambda v: "untested" if v is None or v != v else ("differs" if v else "same"))
+            for kind, points in part.groupby(verdict):
+                ax.scatter(points[x], points[y], s=size, alpha=alpha, linewidths=1.6 if kind == "differs" else 1.2,
+                           edgecolor="black" if kind == "differs" else colour,
+                           facecolor="none" if kind == "same" else colour, label=None if named else strategy)
                 named = True
         front = group[group["front"].astype(bool)].sort_values(x)
         ax.plot(front[x], front[y], drawstyle="steps-post", color=colour, lw=1.2)
@@ -91,8 +94,9 @@ def pareto_front(df: pd.DataFrame, x: str, y: str, stem: Path, title: str = "",
     ax.scatter(dense[x], dense[y], marker="*", s=250, color="gold", edgecolor="black", zorder=5,
                label="dense baseline")
     if marked:  # the legend of the marker fill
-        ax.scatter([], [], s=50, facecolor="grey", edgecolor="grey", label="differs from dense (Holm)")
-        ax.scatter([], [], s=50, facecolor="none", edgecolor="grey", label="not distinguishable")
+        ax.scatter([], [], s=50, facecolor="grey", edgecolor="black", linewidths=1.6,
+                   label="differs from dense (paired, Holm)")
+        ax.scatter([], [], s=50, facecolor="none", edgecolor="grey", label="not distinguishable from dense")
     xlabel, ylabel = xlabel or LABELS.get(x, x), ylabel or LABELS.get(y, y)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title or f"Pareto front: {ylabel} vs {xlabel}")
     ax.legend(fontsize=8)
