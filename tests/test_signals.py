@@ -45,7 +45,7 @@ def test_a_signal_stops_every_worker_and_keeps_finished_episodes(tmp_path, signu
     out = tmp_path / "run.json"
     proc = subprocess.Popen(
         [sys.executable, "-m", "prunebench.cli.main", "run", "--suite", "libero_object", "--tasks", "0",
-         "--episodes", "6", "--workers", "2", "--strategy", "none", "--render-quality", "fast",
+         "--episodes", "20", "--workers", "2", "--strategy", "none", "--render-quality", "fast",
          "--fast-reset", "-o", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 240
