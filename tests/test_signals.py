@@ -47,7 +47,9 @@ def test_a_signal_stops_every_worker_and_keeps_finished_episodes(tmp_path, signu
         [sys.executable, "-m", "prunebench.cli.main", "run", "--suite", "libero_object", "--tasks", "0",
          "--episodes", "20", "--workers", "2", "--strategy", "none", "--render-quality", "fast",
          "--fast-reset", "-o", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        # as from a terminal: a test run started in the background (`cmd &`) inherits SIGINT ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while time.time() < deadline:  # wait for the first finished episode
         try:
