@@ -19,9 +19,6 @@ def _episodes_file(path, outcomes: list[bool]) -> str:
 
 
 def test_validated_measurements_replace_the_search_ones(tmp_path):
-    class Defn:
-        objectives = ["success_rate", "latency_ms"]
-
     df = pd.DataFrame([
         {"strategy": "none", "trial": 0, "dense": True, "success_rate": 0.9, "latency_ms": 10.0,
          "success_ci95": [0.6, 1.0], "results": "a", "validated_results": "va", "validated_success_rate": 0.85,
@@ -31,7 +28,7 @@ def test_validated_measurements_replace_the_search_ones(tmp_path):
          "validated_success_ci95": None, "validated_latency_ms": None, "validated_ms_llm": None},
     ])
     df["ms_llm"] = [6.0, 4.0]
-    out = _escalated(df, Defn())
+    out = _escalated(df)
     assert out["fidelity"].tolist() == ["validated", "search"]
     assert out.loc[0, "success_rate"] == 0.85 and out.loc[0, "search_success_rate"] == 0.9
     assert out.loc[0, "results"] == "va" and out.loc[1, "results"] == "b"

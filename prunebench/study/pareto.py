@@ -46,7 +46,7 @@ def trials_table(defn: StudyDefinition) -> pd.DataFrame:
     if df.empty:
         return df
     df = df.sort_values(["strategy", "trial"]).reset_index(drop=True)
-    df = _escalated(df, defn)
+    df = _escalated(df)
     values, signs = objective_matrix(df, defn)
     # once fronts are validated, the fronts are drawn among the validated trials only: they rest on
     # the validation's episodes, not on the search's few
@@ -62,7 +62,7 @@ def trials_table(defn: StudyDefinition) -> pd.DataFrame:
     return df
 
 
-def _escalated(df: pd.DataFrame, defn: StudyDefinition) -> pd.DataFrame:
+def _escalated(df: pd.DataFrame) -> pd.DataFrame:
     """A validated trial's measurements replace its search ones (kept as ``search_<metric>``)."""
     df["fidelity"] = "search"
     if "validated_results" not in df:
@@ -92,6 +92,7 @@ def _versus_dense(df: pd.DataFrame) -> None:
     on the same episodes (paired, prunebench.evaluation.paired) and whether it is significant after
     Holm's correction over those points (``distinguishable``)."""
     from prunebench.evaluation.paired import compare_to_baseline
+    from prunebench.evaluation.report import ALPHA
 
     for column in ("success_diff", "success_diff_lo", "success_diff_hi", "p_holm", "distinguishable"):
         df[column] = None
@@ -109,7 +110,7 @@ def _versus_dense(df: pd.DataFrame) -> None:
             df.at[index, "success_diff"] = paired.difference
             df.at[index, "success_diff_lo"], df.at[index, "success_diff_hi"] = paired.ci95
             df.at[index, "p_holm"] = paired.p_holm
-            df.at[index, "distinguishable"] = bool(paired.p_holm < 0.05)
+            df.at[index, "distinguishable"] = bool(paired.p_holm < ALPHA)
 
 
 def _episodes(path) -> list:
