@@ -20,6 +20,7 @@ from prunebench.contract.plan import (
                                       Stage,
                                       attention,
                                       qk_logits,
+                                      row_embeddings,
                                       scale_layer,
 )
 from prunebench.contract.strategy import EnvStep, EpisodeInfo, Observation, QueryContext, Strategy, StrategyConfig
@@ -31,5 +32,5 @@ __all__ = [
     "BEFORE_LLM", "EMBEDDINGS", "PIXELS", "Budget", "EngineError", "EnvStep", "EpisodeInfo",
     "Observation", "PluginError", "PrunePlan", "PrunebenchError", "QueryContext", "SignalRequest",
     "Signals", "Stage", "Strategy", "StrategyConfig", "StrategyError", "TokenLayout", "ViewSpan",
-    "attention", "hookimpl", "qk_logits", "scale_layer", "Encoded", "ModelFamily", "VLAModel",
+    "attention", "hookimpl", "qk_logits", "row_embeddings", "scale_layer", "Encoded", "ModelFamily", "VLAModel",
 ]

@@ -2,7 +2,17 @@ import pytest
 import torch
 
 import prunebench
-from prunebench import BEFORE_LLM, Budget, PrunePlan, Stage, Strategy, StrategyConfig, StrategyError, attention
+from prunebench import (
+    BEFORE_LLM,
+    Budget,
+    PrunePlan,
+    Stage,
+    Strategy,
+    StrategyConfig,
+    StrategyError,
+    attention,
+    row_embeddings,
+)
 from prunebench.contract.errors import EngineError
 from prunebench.contract.layout import ROW_GROUPS
 from prunebench.engine.loop import PruningEngine
@@ -260,6 +270,36 @@ def test_attention_signals_from_the_layer_equal_the_recomputed_ones(tiny_model, 
         assert torch.equal(value.isnan(), recomputed.seen[key].isnan()), key
         assert torch.allclose(value, recomputed.seen[key], atol=1e-6, rtol=1e-5, equal_nan=True), key
     assert (a.actions == b.actions).all()
+
+
+def test_per_row_attention_and_row_embeddings(tiny_model, obs, monkeypatch):
+    """Per-row attention: one row per present row token, whose mean is the row-averaged signal, after
+    a removal too; the same from the layer and recomputed. Row embeddings: the input's rows."""
+    import prunebench.engine.loop as engine_module
+
+    layer = 2  # after the removal at layer 0: a shortened sequence
+    wanted = (attention(layer, "text"), attention(layer, "text", per_row=True),
+              attention(layer, "prefill", per_row=True), row_embeddings("prompt"))
+    seen = []
+    for registry in (True, False):
+        monkeypatch.setattr(engine_module, "HAS_ATTENTION_REGISTRY", registry and HAS_ATTENTION_REGISTRY)
+        strategy = RecordsSignals(TINY.n_layers, wanted)
+        PruningEngine(tiny_model).query(strategy, obs)
+        seen.append(strategy.seen)
+    enc = tiny_model.encode(obs)
+    layout = enc.layout
+    for values in seen:
+        per_row = values[attention(layer, "text", per_row=True).key]
+        assert per_row.shape == (layout.row_slots("text").numel(), layout.n_visual)
+        assert torch.allclose(per_row.mean(dim=0), values[attention(layer, "text").key], equal_nan=True)
+        removed = per_row[:, 1::3].isnan().all() and not per_row[:, ::3].isnan().any()
+        assert removed  # RecordsSignals keeps every third visual token after layer 0
+        n_removed = layout.n_visual - len(range(0, layout.n_visual, 3))  # prefill rows include the visual
+        prefill = values[attention(layer, "prefill", per_row=True).key]
+        assert prefill.shape[0] == layout.row_slots("prefill").numel() - n_removed
+        assert torch.equal(values[row_embeddings("prompt").key], enc.embeds[0, layout.row_slots("prompt")])
+    for key, value in seen[0].items():
+        assert torch.allclose(value, seen[1][key], atol=1e-6, rtol=1e-5, equal_nan=True), key
 
 
 @pytest.mark.skipif(not HAS_ATTENTION_REGISTRY, reason="transformers < 4.48 has no attention registry")

@@ -22,7 +22,7 @@ BEFORE_LLM = -1
 REFERENCE_DEPTH = 32
 """Depth of the Llama-2-7B decoder in OpenVLA-OFT, which the papers' layer indices refer to."""
 
-SIGNAL_KINDS = ("attention", "qk_logits", "embeddings", "pixels")
+SIGNAL_KINDS = ("attention", "qk_logits", "embeddings", "row_embeddings", "pixels")
 
 
 def scale_layer(paper_layer: int, n_layers: int, reference_depth: int = REFERENCE_DEPTH) -> int:
@@ -42,24 +42,30 @@ class SignalRequest:
     kinds:
       attention   softmax attention probabilities rows -> every visual token at ``layer``, from
                   the q/k (with rotary) that layer computes (head- and row-averaged), on the
-                  sequence as that layer sees it.
+                  sequence as that layer sees it. ``per_row``: not averaged over rows, shape
+                  (n_rows, n_visual), one row per present row token in sequence order.
       qk_logits   layer-``layer`` q·k logits rows -> visual on the *input embeddings*: no rotary, no
                   softmax (ADP's retrieval weight); computed before any removal.
       embeddings  LLM input embeddings of the visual tokens, shape (n_visual, hidden).
+      row_embeddings  LLM input embeddings of the ``rows`` tokens (e.g. the prompt), shape
+                  (n_rows, hidden), from the unpruned input.
       pixels      raw patch pixels of the current images after the model's preprocessing, shape
                   (n_visual, patch*patch*3), 0..255 (``QueryContext.patch_pixels`` gives them for
                   earlier frames).
     """
 
-    kind: Literal["attention", "qk_logits", "embeddings", "pixels"]
+    kind: Literal["attention", "qk_logits", "embeddings", "row_embeddings", "pixels"]
     layer: int = 0
     rows: str = "text"
+    per_row: bool = False
 
     @property
     def key(self) -> str:
         if self.kind in ("embeddings", "pixels"):
             return self.kind
-        return f"{self.kind}@{self.layer}:{self.rows}"
+        if self.kind == "row_embeddings":
+            return f"{self.kind}:{self.rows}"
+        return f"{self.kind}@{self.layer}:{self.rows}" + (":per_row" if self.per_row else "")
 
     @property
     def before_llm(self) -> bool:
@@ -67,8 +73,12 @@ class SignalRequest:
         return self.kind != "attention"
 
 
-def attention(layer: int, rows: str = "text") -> SignalRequest:
-    return SignalRequest("attention", layer, rows)
+def attention(layer: int, rows: str = "text", per_row: bool = False) -> SignalRequest:
+    return SignalRequest("attention", layer, rows, per_row)
+
+
+def row_embeddings(rows: str = "prompt") -> SignalRequest:
+    return SignalRequest("row_embeddings", rows=rows)
 
 
 def qk_logits(layer: int = 0, rows: str = "language") -> SignalRequest:

@@ -125,14 +125,23 @@ class PruningEngine:
             kept[stage.where] = keep
             return h
 
+        def add_attention(requests: list[SignalRequest], compute) -> None:
+            """``compute(rows, per_row)`` for the row-averaged requests together (one row each),
+            then for each per-row request; the values wait in ``pending``."""
+            present = layout.present_visual()
+            averaged = [r for r in requests if not r.per_row]
+            if averaged:
+                pending.append((averaged, compute([r.rows for r in averaged], False), present))
+            for request in requests:
+                if request.per_row:
+                    pending.append((request, compute([request.rows], True)[0], present))
+
         def observer(requests: list[SignalRequest]):
             """Computes ``requests`` inside the layer's attention, from the q and k it computes anyway."""
-            rows, present = [r.rows for r in requests], layout.present_visual()
-
             def observe(module, query, key):
                 with timer("overhead", moved_from="llm"):
-                    values = sig.attention_from_layer(module, query, key, layout, rows)
-                    pending.append((requests, values, present))
+                    add_attention(requests, lambda rows, per_row: sig.attention_from_layer(
+                        module, query, key, layout, rows, per_row))
             return observe
 
         if BEFORE_LLM in stages:
@@ -149,9 +158,8 @@ class PruningEngine:
                     observe = observer(wanted)
                 elif wanted:  # transformers < 4.48: recompute q and k from the layer's weights
                     with timer("overhead", moved_from="llm"):
-                        rows = [r.rows for r in wanted]
-                        values = sig.attention_recomputed(layer, h, cos, sin, layout, rows)
-                        pending.append((wanted, values, layout.present_visual()))
+                        add_attention(wanted, lambda rows, per_row: sig.attention_recomputed(
+                            layer, h, cos, sin, layout, rows, per_row))
                 h = run_layer(self.llm, layer, h, pos_ids, cos, sin, observe)
                 tokens.append(h.shape[1])
                 visual.append(h.shape[1] - n_other)
@@ -205,6 +213,8 @@ class PruningEngine:
         for request in plan.signals:
             if request.kind == "embeddings":
                 pending.append((request, sig.visual_embeddings(enc.embeds, enc.layout), None))
+            elif request.kind == "row_embeddings":
+                pending.append((request, sig.row_embeddings(enc.embeds, enc.layout, request.rows), None))
             elif request.kind == "pixels":
                 signals[request] = ctx.patch_pixels(ctx.observation.images)
             elif request.kind == "qk_logits":
@@ -294,7 +304,7 @@ class PruningEngine:
             if not 0 <= request.layer <= last + 1:
                 raise StrategyError(name, f"signal {request.key}: layer {request.layer} out of range "
                                           f"0..{last + 1}")
-            if request.kind in ("attention", "qk_logits") and request.rows not in ROW_GROUPS:
+            if request.kind in ("attention", "qk_logits", "row_embeddings") and request.rows not in ROW_GROUPS:
                 raise StrategyError(name, f"signal {request.key}: rows must be one of "
                                           f"{', '.join(ROW_GROUPS)}")
 

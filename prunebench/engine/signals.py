@@ -62,29 +62,33 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def _row_attention(queries: list[torch.Tensor], k: torch.Tensor, scaling: float,
-                   layout: TokenLayout) -> torch.Tensor:
+                   layout: TokenLayout, per_row: bool = False):
     """(len(queries), n present visual) on the device: for each group's query rows (1, H, r, hd),
-    softmax over all current keys ``k`` (1, H, n, hd), mean over heads and rows, at the visual slots."""
-    # scale the few query rows, not the scores
-    means = [torch.softmax((q * scaling) @ k.transpose(-1, -2), dim=-1).mean(dim=(0, 1, 2)) for q in queries]
+    softmax over all current keys ``k`` (1, H, n, hd), mean over heads and rows, at the visual slots.
+    ``per_row``: a list with one (r, n present visual) tensor per group instead (no mean over rows)."""
     first, stop = layout.visual_span()  # the present visual tokens fill one run of slots
+    reduce = (0, 1) if per_row else (0, 1, 2)
+    # scale the few query rows, not the scores
+    means = [torch.softmax((q * scaling) @ k.transpose(-1, -2), dim=-1).mean(dim=reduce) for q in queries]
+    if per_row:
+        return [m[:, first:stop] for m in means]
     return torch.stack(means)[:, first:stop]
 
 
 def attention_from_layer(module, query: torch.Tensor, key: torch.Tensor, layout: TokenLayout,
-                         rows: list[str]) -> torch.Tensor:
+                         rows: list[str], per_row: bool = False):
     """Attention of each row group in ``rows`` to the present visual tokens, from the q and k a
     layer's attention ``module`` computed itself (rotary applied, KV heads not yet repeated):
-    (len(rows), n present visual) on the device."""
+    (len(rows), n present visual) on the device (``per_row``: see ``_row_attention``)."""
     k = key
     if query.shape[1] != key.shape[1]:  # KV heads -> query heads
         k = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
     queries = [query[:, :, _on(query.device, layout.row_slots(group))] for group in rows]
-    return _row_attention(queries, k, attention_scaling(module), layout)
+    return _row_attention(queries, k, attention_scaling(module), layout, per_row)
 
 
 def attention_recomputed(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                         layout: TokenLayout, rows: list[str]) -> torch.Tensor:
+                         layout: TokenLayout, rows: list[str], per_row: bool = False):
     """The same as ``attention_from_layer``, recomputed from ``layer``'s weights on its input ``h``
     (transformers < 4.48, where a layer's q and k cannot be observed). Keys once for all groups."""
     attn = layer.self_attn
@@ -94,7 +98,7 @@ def attention_recomputed(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.T
     for group in rows:
         slots = _on(h.device, layout.row_slots(group))
         queries.append(_rotate(_queries(attn, x[:, slots]), cos[:, slots], sin[:, slots]))
-    return _row_attention(queries, k, attention_scaling(attn), layout)
+    return _row_attention(queries, k, attention_scaling(attn), layout, per_row)
 
 
 def attention_to_visual(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -121,6 +125,12 @@ def qk_logits_to_visual(layer, embeds: torch.Tensor, layout: TokenLayout, rows: 
     q = q[0].float().mean(dim=0).view(cfg.num_key_value_heads, -1, k.shape[-1] // cfg.num_key_value_heads)
     logits = k[0].float() @ q.sum(dim=1).flatten()
     return logits * (attention_scaling(attn) / cfg.num_attention_heads)
+
+
+def row_embeddings(embeds: torch.Tensor, layout: TokenLayout, rows: str) -> torch.Tensor:
+    """Input embeddings of the ``rows`` tokens, (n_rows, D), from the unpruned input (on the model's
+    device)."""
+    return embeds[0, _on(embeds.device, layout.row_slots(rows))]
 
 
 def visual_embeddings(embeds: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
