@@ -13,6 +13,7 @@ from prunebench.contract.plan import (
                                       BEFORE_LLM,
                                       EMBEDDINGS,
                                       PIXELS,
+                                      Assignment,
                                       Budget,
                                       PrunePlan,
                                       SignalRequest,
@@ -29,7 +30,7 @@ from prunebench.plugins.hookspecs import hookimpl
 __version__ = "0.1.0"
 
 __all__ = [
-    "BEFORE_LLM", "EMBEDDINGS", "PIXELS", "Budget", "EngineError", "EnvStep", "EpisodeInfo",
+    "BEFORE_LLM", "EMBEDDINGS", "PIXELS", "Assignment", "Budget", "EngineError", "EnvStep", "EpisodeInfo",
     "Observation", "PluginError", "PrunePlan", "PrunebenchError", "QueryContext", "SignalRequest",
     "Signals", "Stage", "Strategy", "StrategyConfig", "StrategyError", "TokenLayout", "ViewSpan",
     "attention", "hookimpl", "qk_logits", "row_embeddings", "scale_layer", "Encoded", "ModelFamily", "VLAModel",

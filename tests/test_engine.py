@@ -24,6 +24,7 @@ from prunebench.engine.transformers_compat import (
     rotary,
     run_layer,
 )
+from prunebench.engine.validation import check_tokens
 from prunebench.plugins.manager import MANAGER
 from tests.conftest import TINY, make_observation
 from tests.helpers import FixedPlan, first_k, keep_all
@@ -195,7 +196,7 @@ def test_engine_fails_loudly_when_tokens_do_not_match_plan(engine, obs):
     out = engine.query(FixedPlan([Stage(0)], keep_fn=first_k(3)), obs)
     record = out.record.model_copy(update={"tokens_per_layer": [out.record.tokens_per_layer[0]] * TINY.n_layers})
     with pytest.raises(EngineError, match="differ from the plan"):
-        PruningEngine._check_tokens(PrunePlan((Stage(0),)), record, engine.model.encode(obs).layout)
+        check_tokens(PrunePlan((Stage(0),)), record, engine.model.encode(obs).layout)
 
 
 @pytest.mark.parametrize("name", ["random", "downsample", "fastv"])
@@ -312,7 +313,7 @@ def test_observing_a_layer_leaves_the_dense_forward_bit_identical(engine, tiny_m
         for layer in tiny_model.llm.layers:
             plain = run_layer(tiny_model.llm, layer, h, positions, cos, sin)
             observed = run_layer(tiny_model.llm, layer, h, positions, cos, sin,
-                                 observe=lambda module, q, k: seen.append(q.shape))
+                                 observe=lambda module, q, k, bias: seen.append(q.shape))
             assert torch.equal(plain, observed)
             h = plain
     assert len(seen) == len(tiny_model.llm.layers)
@@ -401,7 +402,7 @@ def test_signals_with_grouped_kv_heads():
         expected = attention_recomputed(layer, h, cos, sin, layout, ["text", "action"])
         if HAS_ATTENTION_REGISTRY:
             seen = []
-            observe = lambda m, q, k: seen.append(attention_from_layer(m, q, k, layout, ["text", "action"]))
+            observe = lambda m, q, k, bias: seen.append(attention_from_layer(m, q, k, layout, ["text", "action"]))
             run_layer(llm, layer, h, positions, cos, sin, observe=observe)
             assert torch.allclose(seen[0], expected, atol=1e-6)
         attn = layer.self_attn

@@ -129,13 +129,28 @@ class Budget(BaseModel):
         return [min(q, layout.n_present_visual(i)) for i, q in enumerate(quotas)]
 
 
+VERBS = ("drop", "merge", "reuse")
+
+
 @dataclass(frozen=True)
 class Stage:
-    """One removal: after decoder layer ``after_layer`` (``BEFORE_LLM`` = before layer 0)."""
+    """One removal: after decoder layer ``after_layer`` (``BEFORE_LLM`` = before layer 0).
+
+    ``verb`` says what happens to the visual tokens ``select()`` does not keep (docs/engine.md):
+
+    * ``drop`` (default): they leave the sequence.
+    * ``merge``: they leave the sequence, each folded into a kept token: ``Strategy.assign()`` names
+      the kept token and a weight (an :class:`Assignment`); the kept token's hidden state becomes the
+      weighted mean, and it keeps its own position.
+    * ``reuse``: they stop being computed (no query, no MLP) but are still attended to: at this and
+      every later layer their keys and values come from the previous query's at the same original
+      position (VLA-Cache). The strategy must set ``Strategy.reuses_kv``.
+    """
 
     after_layer: int
     budget: Budget | None = None
     name: str = ""  # the strategy's own label ("static", "dynamic", ...), passed back to it
+    verb: Literal["drop", "merge", "reuse"] = "drop"
 
     @property
     def where(self) -> str:
@@ -143,11 +158,28 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class Assignment:
+    """Where a merge stage folds each removed visual token: ``removed[i]`` into the kept visual index
+    ``into[i]`` with weight ``weight[i]`` (None: the token's size, i.e. how many original tokens it
+    already holds; a kept token's own weight is always its size). Every present visual token that
+    ``select()`` did not keep must appear once in ``removed``."""
+
+    removed: torch.Tensor  # (r,) long, visual indices
+    into: torch.Tensor  # (r,) long, kept visual indices
+    weight: torch.Tensor | None = None  # (r,) float, > 0
+
+
+@dataclass(frozen=True)
 class PrunePlan:
-    """Stages in layer order, and the signals to compute (for stages and for ``on_forward_end``)."""
+    """Stages in layer order, and the signals to compute (for stages and for ``on_forward_end``).
+
+    ``proportional_attention``: after a merge, each key's attention logit gains log(size) (ToMe's
+    proportional attention, Bolya et al., arXiv 2210.09461), so a token holding s originals weighs
+    like s of them."""
 
     stages: tuple[Stage, ...] = ()
     signals: tuple[SignalRequest, ...] = ()
+    proportional_attention: bool = False
 
     @classmethod
     def dense(cls, signals: tuple[SignalRequest, ...] = ()) -> "PrunePlan":

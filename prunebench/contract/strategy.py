@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict
 
 from prunebench.contract.errors import StrategyError
 from prunebench.contract.layout import TokenLayout
-from prunebench.contract.plan import PrunePlan, Signals, Stage
+from prunebench.contract.plan import Assignment, PrunePlan, Signals, Stage
 from prunebench.contract.selection import top_k_under_budget
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -122,6 +122,9 @@ class Strategy:
     Config: ClassVar[type[StrategyConfig]] = StrategyConfig
     position_ids: ClassVar[Literal["original", "recompact"]] = "original"
     """After a removal, keep each token's original RoPE position, or renumber 0..L'-1."""
+    reuses_kv: ClassVar[bool] = False
+    """Keep every layer's keys and values of each query for the next one of the episode: needed by
+    ``reuse`` stages (costs one copy of the keys and values per layer and query)."""
     history_frames: ClassVar[int] = 0
     """How many camera frames of the env steps before each query ``QueryContext.frames`` must hold;
     the closed loop renders those steps (besides the query steps), and every step when the strategy
@@ -165,3 +168,8 @@ class Strategy:
             raise StrategyError(self.label, f"stage {stage.where} has no budget: give its Stage a "
                                             "Budget, or override select()")
         return top_k_under_budget(scores, stage.budget, layout)
+
+    def assign(self, stage: Stage, keep: torch.Tensor, ctx: QueryContext,
+               layout: TokenLayout) -> Assignment:
+        """A ``merge`` stage only: which kept token each other present visual token folds into."""
+        raise StrategyError(self.label, f"stage {stage.where} merges but the strategy has no assign()")

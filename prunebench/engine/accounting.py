@@ -5,6 +5,12 @@ Llama's gated MLP where FastV counts two: one decoder layer at sequence length n
 F(n) = 4·n·d² + 2·n²·d + 3·n·d·m multiply-accumulates (d hidden, m FFN width). We report
 ``llm_flops = 2 · Σ_layers F(n_layer)`` (one MAC = 2 FLOPs), which is how ADP's 7.91 TFLOPs for the
 dense OFT-7B reads.
+
+The stage verbs (docs/engine.md): a layer computes n queries (tokens in its sequence) and attends to
+n_k keys, n_k = n plus the tokens a ``reuse`` stage serves from the cache. Projections and MLP run for
+the n computed tokens only; the attention products for n x n_k:
+F(n, n_k) = 4·n·d² + 2·n·n_k·d + 3·n·d·m. A merged token is one token (counted once); dropping is
+n_k = n, the formula above.
 """
 
 from __future__ import annotations
@@ -17,17 +23,20 @@ from pydantic import BaseModel, Field
 STAGES = ("vision", "llm", "head", "overhead")
 
 
-def layer_macs(n: int, d: int, m: int) -> float:
-    return 4.0 * n * d * d + 2.0 * n * n * d + 3.0 * n * d * m
+def layer_macs(n: int, d: int, m: int, n_keys: int | None = None) -> float:
+    n_keys = n if n_keys is None else n_keys
+    return 4.0 * n * d * d + 2.0 * n * n_keys * d + 3.0 * n * d * m
 
 
-def llm_flops(tokens_per_layer: list[int], d: int, m: int) -> float:
-    return 2.0 * sum(layer_macs(n, d, m) for n in tokens_per_layer)
+def llm_flops(tokens_per_layer: list[int], d: int, m: int, keys_per_layer: list[int] | None = None) -> float:
+    keys_per_layer = keys_per_layer or tokens_per_layer
+    return 2.0 * sum(layer_macs(n, d, m, k) for n, k in zip(tokens_per_layer, keys_per_layer))
 
 
 class StageRecord(BaseModel):
     where: str  # "before_llm" | "after_layer_<l>"
     name: str = ""
+    verb: str = "drop"  # what became of the visual tokens not kept: drop | merge | reuse
     visual_before: int
     visual_after: int
     kept: list[int] | None = None  # visual indices kept (only when the engine records them)
@@ -39,8 +48,9 @@ class QueryRecord(BaseModel):
     query_index: int = 0
     step_index: int = 0
     dense: bool = True
-    tokens_per_layer: list[int]
+    tokens_per_layer: list[int]  # tokens each layer computes (its queries)
     visual_per_layer: list[int]
+    keys_per_layer: list[int] | None = None  # tokens each layer attends to, when not the same (reuse)
     llm_flops: float
     dense_llm_flops: float
     ms: dict[str, float] = Field(default_factory=dict)  # vision / llm / head / overhead / total

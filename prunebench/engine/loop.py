@@ -16,19 +16,23 @@ them. (The stage timer synchronises at stage boundaries to charge GPU time to th
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from prunebench.contract.errors import EngineError, StrategyError, strategy_code
-from prunebench.contract.layout import ROW_GROUPS, TokenLayout, arange
-from prunebench.contract.plan import BEFORE_LLM, SIGNAL_KINDS, PrunePlan, SignalRequest, Signals, Stage
+from prunebench.contract.layout import TokenLayout, arange
+from prunebench.contract.plan import BEFORE_LLM, PrunePlan, SignalRequest, Signals, Stage
 from prunebench.contract.strategy import Observation, QueryContext, Strategy
 from prunebench.engine import signals as sig
 from prunebench.engine.accounting import QueryRecord, StageRecord, StageTimer, llm_flops
+from prunebench.engine.kv_cache import KVCache
+from prunebench.engine.merging import check_assignment, merge_visual
 from prunebench.engine.pixels import patch_pixels_of
 from prunebench.engine.transformers_compat import HAS_ATTENTION_REGISTRY, rotary, run_layer
+from prunebench.engine.validation import check_keep, check_plan, check_tokens, valid_keep
 
 
 @dataclass
@@ -57,6 +61,18 @@ class PruningEngine:
         self.record_kept = record_kept
         self.checks = debug_checks() if checks is None else checks
         self.device = next(model.parameters()).device
+        # one key/value cache per strategy that asks for one (Strategy.reuses_kv), emptied at each
+        # episode's first query; several strategies may share the engine (run_interleaved)
+        self._caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def kv_cache(self, strategy: Strategy, query_index: int) -> KVCache | None:
+        """The cache of ``strategy`` (None unless it sets ``reuses_kv``), empty at query 0."""
+        if not strategy.reuses_kv:
+            return None
+        cache = self._caches.setdefault(strategy, KVCache())
+        if query_index == 0:
+            cache.clear()
+        return cache
 
     @property
     def attention_backend(self) -> str:
@@ -76,7 +92,7 @@ class PruningEngine:
         with timer("overhead"):
             with strategy_code(name, "schedule()"):
                 plan = strategy.schedule(ctx)
-            self._check_plan(name, plan)
+            check_plan(name, strategy, plan, len(self.llm.layers))
             stages = {s.after_layer: s for s in plan.stages}
             attention_at: dict[int, list[SignalRequest]] = {}
             for r in plan.signals:
@@ -105,15 +121,31 @@ class PruningEngine:
         recompact = strategy.position_ids == "recompact"
         stage_records: list[StageRecord] = []
         kept: dict[str, torch.Tensor] = {}
-        tokens, visual = [], []
+        tokens, visual, keys = [], [], []
         n_other = layout.length - layout.n_visual  # non-visual tokens are never removed
+        cache = self.kv_cache(strategy, query_index)
+        reused = torch.empty(0, dtype=torch.long)  # visual indices whose keys/values come from the cache
+        sizes = None  # original tokens each visual token holds, from the first merge on
 
         def apply(stage: Stage, h: torch.Tensor):
-            nonlocal cos, sin
+            nonlocal cos, sin, reused, sizes
             to_host()
             slots, record, keep = self._apply_stage(name, strategy, stage, signals, ctx, layout)
             on_device = self._on_device(slots)
-            h = h.index_select(1, on_device)
+            if stage.verb == "merge":
+                with strategy_code(name, f"stage {stage.where}: assign()"):
+                    assignment = strategy.assign(stage, keep, ctx, ctx.current_layout)
+                removed, into, weight = check_assignment(name, stage, assignment, keep, layout)
+                sizes = torch.ones(layout.n_visual) if sizes is None else sizes
+                merged = merge_visual(h, layout, keep, removed, into, weight, sizes)
+                h = h.index_select(1, on_device)
+                first = layout.visual_span()[0]
+                h[:, first:first + keep.numel()] = merged
+            else:
+                if stage.verb == "reuse":
+                    present = layout.present_visual()
+                    reused = torch.sort(torch.cat([reused, present[~torch.isin(present, keep)]])).values
+                h = h.index_select(1, on_device)
             layout.keep_slots(slots)
             if recompact:
                 cos, sin = full_cos[:, :len(slots)], full_sin[:, :len(slots)]
@@ -129,6 +161,8 @@ class PruningEngine:
             """``compute(rows, per_row)`` for the row-averaged requests together (one row each),
             then for each per-row request; the values wait in ``pending``."""
             present = layout.present_visual()
+            if reused.numel():  # their cached keys are attended to after the sequence's own
+                present = torch.cat([present, reused])
             averaged = [r for r in requests if not r.per_row]
             if averaged:
                 pending.append((averaged, compute([r.rows for r in averaged], False), present))
@@ -138,11 +172,42 @@ class PruningEngine:
 
         def observer(requests: list[SignalRequest]):
             """Computes ``requests`` inside the layer's attention, from the q and k it computes anyway."""
-            def observe(module, query, key):
+            def observe(module, query, key, bias):
                 with timer("overhead", moved_from="llm"):
                     add_attention(requests, lambda rows, per_row: sig.attention_from_layer(
-                        module, query, key, layout, rows, per_row))
+                        module, query, key, layout, rows, per_row, bias))
             return observe
+
+        def cached_keys(index: int):
+            """Stores what layer ``index`` computes in the cache, and appends the reused tokens'
+            cached keys and values to those it attends to."""
+            positions = layout.positions
+            wanted = reused + layout.visual_start
+            if reused.numel():
+                missing = cache.missing(index, wanted)
+                if missing.numel():
+                    raise StrategyError(name, f"layer {index} reuses visual tokens "
+                                              f"{(missing - layout.visual_start).tolist()[:5]} that no "
+                                              "earlier query of this episode computed there")
+
+            def keys_and_values(module, key, value):
+                with timer("overhead", moved_from="llm"):
+                    cache.store(index, positions, key, value, layout.length)
+                    if reused.numel():
+                        old_key, old_value = cache.fetch(index, wanted)
+                        key, value = torch.cat([key, old_key], dim=2), torch.cat([value, old_value], dim=2)
+                return key, value
+            return keys_and_values
+
+        def size_bias(h: torch.Tensor):
+            """log(size) of every key (proportional attention), (1, 1, 1, n_keys); None before a merge."""
+            if sizes is None or not plan.proportional_attention:
+                return None
+            first, stop = layout.visual_span()
+            bias = torch.zeros(h.shape[1] + reused.numel())
+            bias[first:stop] = sizes[layout.present_visual()].log()
+            bias[h.shape[1]:] = sizes[reused].log()
+            return bias.to(self.device, h.dtype, non_blocking=True)[None, None, None]
 
         if BEFORE_LLM in stages:
             with timer("overhead"):
@@ -160,9 +225,11 @@ class PruningEngine:
                     with timer("overhead", moved_from="llm"):
                         add_attention(wanted, lambda rows, per_row: sig.attention_recomputed(
                             layer, h, cos, sin, layout, rows, per_row))
-                h = run_layer(self.llm, layer, h, pos_ids, cos, sin, observe)
                 tokens.append(h.shape[1])
                 visual.append(h.shape[1] - n_other)
+                keys.append(h.shape[1] + reused.numel())
+                h = run_layer(self.llm, layer, h, pos_ids, cos, sin, observe,
+                              keys=cached_keys(index) if cache is not None else None, bias=size_bias(h))
                 if index in stages:
                     with timer("overhead", moved_from="llm"):
                         h = apply(stages[index], h)
@@ -177,10 +244,11 @@ class PruningEngine:
         record = QueryRecord(
             query_index=query_index, step_index=step_index, dense=plan.is_dense,
             tokens_per_layer=tokens, visual_per_layer=visual,
-            llm_flops=llm_flops(tokens, cfg.hidden_size, cfg.intermediate_size),
+            keys_per_layer=keys if keys != tokens else None,
+            llm_flops=llm_flops(tokens, cfg.hidden_size, cfg.intermediate_size, keys),
             dense_llm_flops=llm_flops(dense_tokens, cfg.hidden_size, cfg.intermediate_size),
             stages=stage_records)
-        self._check_tokens(plan, record, layout)
+        check_tokens(plan, record, layout)
         with timer("overhead"), strategy_code(name, "on_forward_end()"):
             to_host()
             strategy.on_forward_end(signals, record)
@@ -236,88 +304,14 @@ class PruningEngine:
         with strategy_code(name, f"stage {stage.where}: select()"):
             keep = strategy.select(stage, scores, ctx, current)
         if self.checks:
-            keep = self._check_keep(name, stage, keep, layout)
+            keep = check_keep(name, stage, keep, layout)
             kept_slots = layout.visual_to_slots(keep)
         else:
-            keep, kept_slots = self._valid_keep(name, stage, keep, layout)
+            keep, kept_slots = valid_keep(name, stage, keep, layout)
         # the visual tokens fill one run of slots; every non-visual token is kept
         first, stop = layout.visual_span()
         slots = torch.cat([arange(0, first), kept_slots, arange(stop, layout.current_length)])
-        record = StageRecord(where=stage.where, name=stage.name, visual_before=before,
+        record = StageRecord(where=stage.where, name=stage.name, verb=stage.verb, visual_before=before,
                              visual_after=int(keep.numel()),
                              kept=keep.tolist() if self.record_kept else None)
         return slots, record, keep
-
-    @classmethod
-    def _valid_keep(cls, name: str, stage: Stage, keep, layout: TokenLayout):
-        """The keep-set sorted and its current slots, after one cheap test on the host that it holds
-        distinct present visual indices; ``_check_keep`` diagnoses it only when that test fails."""
-        is_index = isinstance(keep, torch.Tensor) and keep.dim() == 1 and not keep.is_floating_point()
-        present = layout.present_visual()  # sorted
-        if is_index and keep.numel() and present.numel():
-            if keep.device.type != "cpu" or keep.dtype != torch.long:
-                keep = keep.cpu().long()  # waits for the device only if the strategy selected there
-            unique = torch.unique(keep)
-            if unique.numel() == keep.numel():  # distinct
-                at = torch.searchsorted(present, unique).clamp_(max=present.numel() - 1)
-                if torch.equal(present[at], unique):  # all visual and still in the sequence
-                    return unique, at + layout.visual_span()[0]
-        cls._check_keep(name, stage, keep, layout)
-        raise EngineError(f"stage {stage.where}: invalid keep-set that no check explains")  # unreachable
-
-    @staticmethod
-    def _check_keep(name: str, stage: Stage, keep, layout: TokenLayout) -> torch.Tensor:
-        """Full diagnosis of a keep-set (every stage with ``checks``); returns it sorted."""
-        where = f"stage {stage.where}: keep-set"
-        if not isinstance(keep, torch.Tensor) or keep.dim() != 1 or keep.is_floating_point():
-            raise StrategyError(name, f"{where} must be a 1-D integer tensor of visual indices")
-        keep = keep.cpu().long()  # small: the checks below read its values on the host
-        if keep.numel() == 0:
-            raise StrategyError(name, f"{where} is empty (keep at least one visual token)")
-        bad = keep[(keep < 0) | (keep >= layout.n_visual)]
-        if bad.numel():
-            raise StrategyError(name, f"{where} has indices {bad.tolist()[:5]} outside the visual "
-                                      f"tokens 0..{layout.n_visual - 1}; non-visual tokens (BOS, "
-                                      "proprio, prompt, actions, STOP) cannot be removed")
-        unique, counts = torch.unique(keep, return_counts=True)
-        if (counts > 1).any():
-            raise StrategyError(name, f"{where} has duplicate indices {unique[counts > 1].tolist()[:5]}")
-        absent = unique[~torch.isin(unique, layout.present_visual())]
-        if absent.numel():
-            raise StrategyError(name, f"{where} keeps {absent.tolist()[:5]}, already removed earlier")
-        return unique
-
-    def _check_plan(self, name: str, plan) -> None:
-        if not isinstance(plan, PrunePlan):
-            raise StrategyError(name, f"schedule() must return a PrunePlan, got {type(plan).__name__}")
-        last = len(self.llm.layers) - 2
-        points = [s.after_layer for s in plan.stages]
-        for point in points:
-            if not BEFORE_LLM <= point <= last:
-                raise StrategyError(name, f"plan has a stage after layer {point}; valid: -1 (before "
-                                          f"the LLM) .. {last} (the model has {last + 2} layers)")
-        if points != sorted(set(points)):
-            raise StrategyError(name, f"plan stages must be in layer order, one per point; got {points}")
-        for request in plan.signals:
-            if not isinstance(request, SignalRequest) or request.kind not in SIGNAL_KINDS:
-                raise StrategyError(name, f"unknown signal {request!r}; kinds: {', '.join(SIGNAL_KINDS)}")
-            if not 0 <= request.layer <= last + 1:
-                raise StrategyError(name, f"signal {request.key}: layer {request.layer} out of range "
-                                          f"0..{last + 1}")
-            if request.kind in ("attention", "qk_logits", "row_embeddings") and request.rows not in ROW_GROUPS:
-                raise StrategyError(name, f"signal {request.key}: rows must be one of "
-                                          f"{', '.join(ROW_GROUPS)}")
-
-    @staticmethod
-    def _check_tokens(plan: PrunePlan, record: QueryRecord, layout: TokenLayout) -> None:
-        """Realised tokens per layer must equal what the stage records imply."""
-        n_other = layout.length - layout.n_visual
-        expected, current = [], layout.n_visual
-        after = {int(r.where.rsplit("_", 1)[1]) if r.where != "before_llm" else BEFORE_LLM: r.visual_after
-                 for r in record.stages}
-        current = after.get(BEFORE_LLM, current)
-        for index in range(len(record.tokens_per_layer)):
-            expected.append(n_other + current)
-            current = after.get(index, current)
-        if expected != record.tokens_per_layer:
-            raise EngineError(f"tokens per layer {record.tokens_per_layer} differ from the plan {expected}")

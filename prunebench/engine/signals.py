@@ -62,29 +62,35 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def _row_attention(queries: list[torch.Tensor], k: torch.Tensor, scaling: float,
-                   layout: TokenLayout, per_row: bool = False):
-    """(len(queries), n present visual) on the device: for each group's query rows (1, H, r, hd),
-    softmax over all current keys ``k`` (1, H, n, hd), mean over heads and rows, at the visual slots.
-    ``per_row``: a list with one (r, n present visual) tensor per group instead (no mean over rows)."""
+                   layout: TokenLayout, per_row: bool = False, bias: torch.Tensor | None = None):
+    """(len(queries), n visual keys) on the device: for each group's query rows (1, H, r, hd),
+    softmax over all keys ``k`` (1, H, n_keys, hd) (plus ``bias``), mean over heads and rows, at the
+    present visual slots, then at the keys after the sequence's own (reused tokens' cached keys).
+    ``per_row``: a list with one (r, n visual keys) tensor per group instead (no mean over rows)."""
     first, stop = layout.visual_span()  # the present visual tokens fill one run of slots
+    n = layout.current_length
     reduce = (0, 1) if per_row else (0, 1, 2)
     # scale the few query rows, not the scores
-    means = [torch.softmax((q * scaling) @ k.transpose(-1, -2), dim=-1).mean(dim=reduce) for q in queries]
+    logits = [(q * scaling) @ k.transpose(-1, -2) for q in queries]
+    means = [torch.softmax(x if bias is None else x + bias, dim=-1).mean(dim=reduce) for x in logits]
+    if k.shape[-2] > n:  # reused keys after the sequence
+        means = [torch.cat([m[..., first:stop], m[..., n:]], dim=-1) for m in means]
+        first, stop = 0, None
     if per_row:
         return [m[:, first:stop] for m in means]
     return torch.stack(means)[:, first:stop]
 
 
 def attention_from_layer(module, query: torch.Tensor, key: torch.Tensor, layout: TokenLayout,
-                         rows: list[str], per_row: bool = False):
-    """Attention of each row group in ``rows`` to the present visual tokens, from the q and k a
-    layer's attention ``module`` computed itself (rotary applied, KV heads not yet repeated):
-    (len(rows), n present visual) on the device (``per_row``: see ``_row_attention``)."""
+                         rows: list[str], per_row: bool = False, bias: torch.Tensor | None = None):
+    """Attention of each row group in ``rows`` to the visual keys (present, then reused), from the q
+    and the keys a layer's attention ``module`` attended with (rotary applied, KV heads not yet
+    repeated): (len(rows), n visual keys) on the device (``per_row``: see ``_row_attention``)."""
     k = key
     if query.shape[1] != key.shape[1]:  # KV heads -> query heads
         k = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
     queries = [query[:, :, _on(query.device, layout.row_slots(group))] for group in rows]
-    return _row_attention(queries, k, attention_scaling(module), layout, per_row)
+    return _row_attention(queries, k, attention_scaling(module), layout, per_row, bias)
 
 
 def attention_recomputed(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

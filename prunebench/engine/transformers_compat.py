@@ -38,12 +38,19 @@ OBSERVING_ATTENTION = "prunebench_observing"
 
 
 def _observing_attention(module, query, key, value, attention_mask, *, prunebench_observe, **kwargs):
-    """The layer's own backend with the very same arguments (same kernel, same numerics), then
-    ``observe(module, query, key)`` on the q and k it was given (rotary applied, KV heads not
-    repeated)."""
-    backend, observe = prunebench_observe
+    """The layer's own backend (same kernel, same numerics) on the layer's own arguments, except:
+    ``keys(module, key, value)`` may replace the keys and values attended to (a ``reuse`` stage
+    appends cached ones), ``bias`` (1, 1, 1, n_keys) is an additive mask over the keys (proportional
+    attention); then ``observe(module, query, key, bias)`` sees the q and the keys attended to
+    (rotary applied, KV heads not repeated)."""
+    backend, observe, keys, bias = prunebench_observe
+    if keys is not None:
+        key, value = keys(module, key, value)
+    if bias is not None:
+        attention_mask = bias
     out = backend(module, query, key, value, attention_mask, **kwargs)
-    observe(module, query, key)
+    if observe is not None:
+        observe(module, query, key, bias)
     return out
 
 
@@ -87,14 +94,18 @@ def zero_mask(h: torch.Tensor) -> torch.Tensor:
 
 
 def run_layer(llm, layer, h: torch.Tensor, position_ids: torch.Tensor,
-              cos: torch.Tensor, sin: torch.Tensor, observe=None) -> torch.Tensor:
+              cos: torch.Tensor, sin: torch.Tensor, observe=None, keys=None, bias=None) -> torch.Tensor:
     """One decoder layer, bidirectional, at the given positions. Returns the new hidden states.
 
-    ``observe(module, query, key)`` (needs ``HAS_ATTENTION_REGISTRY``) is called inside the layer's
-    attention with the q and k it computes; the layer's output is unchanged, bit for bit."""
+    ``observe(module, query, key, bias)`` is called inside the layer's attention with the q and k it
+    computes; the layer's output is unchanged, bit for bit. ``keys(module, key, value) -> (key,
+    value)``: the keys and values the layer attends to instead of its own (the queries stay the
+    layer's tokens); ``bias``: an additive (1, 1, 1, n_keys) attention mask. All three need
+    ``HAS_ATTENTION_REGISTRY``; with none of them the layer runs exactly as the library runs it."""
+    hooked = observe is not None or keys is not None or bias is not None
     if NEEDS_ZERO_MASK:
-        if observe is not None:
-            raise RuntimeError("observing a layer's attention needs transformers >= 4.48")
+        if hooked:
+            raise RuntimeError("observing or changing a layer's attention needs transformers >= 4.48")
         kwargs = {"attention_mask": zero_mask(h), "position_ids": position_ids}
         if getattr(llm, "rotary_emb", None) is not None:
             kwargs["position_embeddings"] = (cos, sin)
@@ -102,14 +113,14 @@ def run_layer(llm, layer, h: torch.Tensor, position_ids: torch.Tensor,
         return out[0] if isinstance(out, tuple) else out
     kwargs = {"attention_mask": None, "position_ids": position_ids, "position_embeddings": (cos, sin),
               "is_causal": False}
-    if observe is None:
+    if not hooked:
         out = layer(h, **kwargs)
     else:  # for this call only, the module finds our function under its config's backend name
         config = layer.self_attn.config
         backend = config._attn_implementation
         config._attn_implementation = OBSERVING_ATTENTION
         try:
-            out = layer(h, prunebench_observe=(_attention_function(backend), observe), **kwargs)
+            out = layer(h, prunebench_observe=(_attention_function(backend), observe, keys, bias), **kwargs)
         finally:
             config._attn_implementation = backend
     return out[0] if isinstance(out, tuple) else out
