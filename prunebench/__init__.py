@@ -20,6 +20,7 @@ from prunebench.contract.plan import (
                                       Signals,
                                       Stage,
                                       attention,
+                                      attention_entropy,
                                       qk_logits,
                                       row_embeddings,
                                       scale_layer,
@@ -33,5 +34,6 @@ __all__ = [
     "BEFORE_LLM", "EMBEDDINGS", "PIXELS", "Assignment", "Budget", "EngineError", "EnvStep", "EpisodeInfo",
     "Observation", "PluginError", "PrunePlan", "PrunebenchError", "QueryContext", "SignalRequest",
     "Signals", "Stage", "Strategy", "StrategyConfig", "StrategyError", "TokenLayout", "ViewSpan",
-    "attention", "hookimpl", "qk_logits", "row_embeddings", "scale_layer", "Encoded", "ModelFamily", "VLAModel",
+    "attention", "attention_entropy", "hookimpl", "qk_logits", "row_embeddings", "scale_layer", "Encoded",
+    "ModelFamily", "VLAModel",
 ]

@@ -11,12 +11,13 @@ from prunebench import (
     StrategyConfig,
     StrategyError,
     attention,
+    attention_entropy,
     row_embeddings,
 )
 from prunebench.contract.errors import EngineError
 from prunebench.contract.layout import ROW_GROUPS
 from prunebench.engine.loop import PruningEngine
-from prunebench.engine.signals import attention_to_visual
+from prunebench.engine.signals import attention_recomputed, attention_to_visual
 from prunebench.engine.transformers_compat import (
     HAS_ATTENTION_REGISTRY,
     attention_scaling,
@@ -126,7 +127,11 @@ def test_recomputed_attention_matches_eager_weights(tiny_model, obs):
     expected = weights[0][:, rows].mean(dim=(0, 1))[layout.visual_slots()]
     with torch.inference_mode():
         got = attention_to_visual(layer, h, cos, sin, layout, ["text"])["text"]
+        entropy = attention_recomputed(layer, h, cos, sin, layout, ["all", "text"], "entropy")
     assert torch.allclose(got, expected, atol=1e-6)
+    for group, value in zip(["all", "text"], entropy):  # head mean, then each row's entropy, row mean
+        p = weights[0].mean(dim=0)[layout.row_slots(group)]
+        assert torch.allclose(value, -(p * torch.log(p + 1e-10)).sum(dim=-1).mean().reshape(1), atol=1e-5)
 
 
 def test_sdpa_and_eager_backends_agree(obs):
@@ -280,7 +285,7 @@ def test_per_row_attention_and_row_embeddings(tiny_model, obs, monkeypatch):
 
     layer = 2  # after the removal at layer 0: a shortened sequence
     wanted = (attention(layer, "text"), attention(layer, "text", per_row=True),
-              attention(layer, "prefill", per_row=True), row_embeddings("prompt"))
+              attention(layer, "prefill", per_row=True), row_embeddings("prompt"), attention_entropy(layer))
     seen = []
     for registry in (True, False):
         monkeypatch.setattr(engine_module, "HAS_ATTENTION_REGISTRY", registry and HAS_ATTENTION_REGISTRY)

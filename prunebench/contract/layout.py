@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 # Row groups a strategy may ask attention for (see TokenLayout.row_slots).
-ROW_GROUPS = ("text", "prompt", "language", "prefill", "action", "nonvision", "post_visual", "last")
+ROW_GROUPS = ("text", "prompt", "language", "prefill", "action", "nonvision", "post_visual", "last", "all")
 
 
 @dataclass(frozen=True)
@@ -200,7 +200,7 @@ class TokenLayout:
         text: prompt minus its fixed template; prompt: whole prompt; language: BOS + prompt + STOP;
         prefill: everything before the action slots; action: the action slots; nonvision: every
         non-visual token; post_visual: the non-visual tokens after the images (proprio, prompt,
-        actions, STOP; SpecPrune-VLA's importance rows); last: STOP.
+        actions, STOP; SpecPrune-VLA's importance rows); last: STOP; all: every token.
         """
         if group not in self._rows:
             self._rows[group] = self._row_slots(group)
@@ -232,6 +232,8 @@ class TokenLayout:
             return arange(stop, self.current_length)
         if group == "last":
             return arange(*last)
+        if group == "all":
+            return arange(0, self.current_length)
         raise ValueError(f"unknown row group {group!r}; choose from {', '.join(ROW_GROUPS)}")
 
     def readout_slots(self) -> torch.Tensor:

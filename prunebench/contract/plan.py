@@ -22,7 +22,7 @@ BEFORE_LLM = -1
 REFERENCE_DEPTH = 32
 """Depth of the Llama-2-7B decoder in OpenVLA-OFT, which the papers' layer indices refer to."""
 
-SIGNAL_KINDS = ("attention", "qk_logits", "embeddings", "row_embeddings", "pixels")
+SIGNAL_KINDS = ("attention", "attention_entropy", "qk_logits", "embeddings", "row_embeddings", "pixels")
 
 
 def scale_layer(paper_layer: int, n_layers: int, reference_depth: int = REFERENCE_DEPTH) -> int:
@@ -44,6 +44,9 @@ class SignalRequest:
                   the q/k (with rotary) that layer computes (head- and row-averaged), on the
                   sequence as that layer sees it. ``per_row``: not averaged over rows, shape
                   (n_rows, n_visual), one row per present row token in sequence order.
+      attention_entropy  the entropy (nats) of each ``rows`` token's head-mean attention over all
+                  keys at ``layer``, averaged over the rows: shape (1,) (VLA-Cache's per-layer
+                  attention entropy; ``rows="all"`` for every token).
       qk_logits   layer-``layer`` q·k logits rows -> visual on the *input embeddings*: no rotary, no
                   softmax (ADP's retrieval weight); computed before any removal.
       embeddings  LLM input embeddings of the visual tokens, shape (n_visual, hidden).
@@ -54,7 +57,7 @@ class SignalRequest:
                   earlier frames).
     """
 
-    kind: Literal["attention", "qk_logits", "embeddings", "row_embeddings", "pixels"]
+    kind: Literal["attention", "attention_entropy", "qk_logits", "embeddings", "row_embeddings", "pixels"]
     layer: int = 0
     rows: str = "text"
     per_row: bool = False
@@ -70,11 +73,20 @@ class SignalRequest:
     @property
     def before_llm(self) -> bool:
         """Input signals are ready before the first layer; attention needs its layer's input."""
-        return self.kind != "attention"
+        return self.kind not in ("attention", "attention_entropy")
+
+    @property
+    def form(self) -> str:
+        """How attention rows are reduced: mean (one row), per_row, or entropy."""
+        return "entropy" if self.kind == "attention_entropy" else "per_row" if self.per_row else "mean"
 
 
 def attention(layer: int, rows: str = "text", per_row: bool = False) -> SignalRequest:
     return SignalRequest("attention", layer, rows, per_row)
+
+
+def attention_entropy(layer: int, rows: str = "all") -> SignalRequest:
+    return SignalRequest("attention_entropy", layer, rows)
 
 
 def row_embeddings(rows: str = "prompt") -> SignalRequest:

@@ -96,7 +96,7 @@ class PruningEngine:
             stages = {s.after_layer: s for s in plan.stages}
             attention_at: dict[int, list[SignalRequest]] = {}
             for r in plan.signals:
-                if r.kind == "attention":
+                if not r.before_llm:  # attention rows and entropies: while their layer runs
                     attention_at.setdefault(r.layer, []).append(r)
             signals = ctx.signals  # filled as the forward runs; the strategy reads it there too
             # (request, value on the device, its visual indices or None; or a list of requests and
@@ -158,24 +158,25 @@ class PruningEngine:
             return h
 
         def add_attention(requests: list[SignalRequest], compute) -> None:
-            """``compute(rows, per_row)`` for the row-averaged requests together (one row each),
-            then for each per-row request; the values wait in ``pending``."""
+            """``compute(rows, form)`` for the row-averaged requests together (one row each), then
+            for each other request; the values wait in ``pending``."""
             present = layout.present_visual()
             if reused.numel():  # their cached keys are attended to after the sequence's own
                 present = torch.cat([present, reused])
-            averaged = [r for r in requests if not r.per_row]
+            averaged = [r for r in requests if r.form == "mean"]
             if averaged:
-                pending.append((averaged, compute([r.rows for r in averaged], False), present))
+                pending.append((averaged, compute([r.rows for r in averaged], "mean"), present))
             for request in requests:
-                if request.per_row:
-                    pending.append((request, compute([request.rows], True)[0], present))
+                if request.form != "mean":
+                    columns = present if request.form == "per_row" else None
+                    pending.append((request, compute([request.rows], request.form)[0], columns))
 
         def observer(requests: list[SignalRequest]):
             """Computes ``requests`` inside the layer's attention, from the q and k it computes anyway."""
             def observe(module, query, key, bias):
                 with timer("overhead", moved_from="llm"):
-                    add_attention(requests, lambda rows, per_row: sig.attention_from_layer(
-                        module, query, key, layout, rows, per_row, bias))
+                    add_attention(requests, lambda rows, form: sig.attention_from_layer(
+                        module, query, key, layout, rows, form, bias))
             return observe
 
         def cached_keys(index: int):
@@ -223,8 +224,8 @@ class PruningEngine:
                     observe = observer(wanted)
                 elif wanted:  # transformers < 4.48: recompute q and k from the layer's weights
                     with timer("overhead", moved_from="llm"):
-                        add_attention(wanted, lambda rows, per_row: sig.attention_recomputed(
-                            layer, h, cos, sin, layout, rows, per_row))
+                        add_attention(wanted, lambda rows, form: sig.attention_recomputed(
+                            layer, h, cos, sin, layout, rows, form))
                 tokens.append(h.shape[1])
                 visual.append(h.shape[1] - n_other)
                 keys.append(h.shape[1] + reused.numel())

@@ -62,39 +62,44 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def _row_attention(queries: list[torch.Tensor], k: torch.Tensor, scaling: float,
-                   layout: TokenLayout, per_row: bool = False, bias: torch.Tensor | None = None):
-    """(len(queries), n visual keys) on the device: for each group's query rows (1, H, r, hd),
-    softmax over all keys ``k`` (1, H, n_keys, hd) (plus ``bias``), mean over heads and rows, at the
-    present visual slots, then at the keys after the sequence's own (reused tokens' cached keys).
-    ``per_row``: a list with one (r, n visual keys) tensor per group instead (no mean over rows)."""
+                   layout: TokenLayout, form: str = "mean", bias: torch.Tensor | None = None):
+    """For each group's query rows (1, H, r, hd): softmax over all keys ``k`` (1, H, n_keys, hd)
+    (plus ``bias``), mean over heads, on the device. ``form`` (``SignalRequest.form``):
+
+    * mean: (len(queries), n visual keys), also averaged over rows, at the present visual slots,
+      then at the keys after the sequence's own (reused tokens' cached keys);
+    * per_row: a list with one (r, n visual keys) tensor per group (no mean over rows);
+    * entropy: a list with one (1,) tensor per group: the entropy (nats) of each row's distribution
+      over all keys, averaged over rows (VLA-Cache's per-layer entropy)."""
     first, stop = layout.visual_span()  # the present visual tokens fill one run of slots
     n = layout.current_length
-    reduce = (0, 1) if per_row else (0, 1, 2)
     # scale the few query rows, not the scores
     logits = [(q * scaling) @ k.transpose(-1, -2) for q in queries]
-    means = [torch.softmax(x if bias is None else x + bias, dim=-1).mean(dim=reduce) for x in logits]
+    probs = [torch.softmax(x if bias is None else x + bias, dim=-1).mean(dim=(0, 1)) for x in logits]
+    if form == "entropy":
+        return [-(p * torch.log(p + 1e-10)).sum(dim=-1).mean().reshape(1) for p in probs]
     if k.shape[-2] > n:  # reused keys after the sequence
-        means = [torch.cat([m[..., first:stop], m[..., n:]], dim=-1) for m in means]
+        probs = [torch.cat([p[..., first:stop], p[..., n:]], dim=-1) for p in probs]
         first, stop = 0, None
-    if per_row:
-        return [m[:, first:stop] for m in means]
-    return torch.stack(means)[:, first:stop]
+    if form == "per_row":
+        return [p[:, first:stop] for p in probs]
+    return torch.stack([p.mean(dim=0) for p in probs])[:, first:stop]
 
 
 def attention_from_layer(module, query: torch.Tensor, key: torch.Tensor, layout: TokenLayout,
-                         rows: list[str], per_row: bool = False, bias: torch.Tensor | None = None):
+                         rows: list[str], form: str = "mean", bias: torch.Tensor | None = None):
     """Attention of each row group in ``rows`` to the visual keys (present, then reused), from the q
     and the keys a layer's attention ``module`` attended with (rotary applied, KV heads not yet
-    repeated): (len(rows), n visual keys) on the device (``per_row``: see ``_row_attention``)."""
+    repeated): (len(rows), n visual keys) on the device (other ``form``s: see ``_row_attention``)."""
     k = key
     if query.shape[1] != key.shape[1]:  # KV heads -> query heads
         k = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
     queries = [query[:, :, _on(query.device, layout.row_slots(group))] for group in rows]
-    return _row_attention(queries, k, attention_scaling(module), layout, per_row, bias)
+    return _row_attention(queries, k, attention_scaling(module), layout, form, bias)
 
 
 def attention_recomputed(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                         layout: TokenLayout, rows: list[str], per_row: bool = False):
+                         layout: TokenLayout, rows: list[str], form: str = "mean"):
     """The same as ``attention_from_layer``, recomputed from ``layer``'s weights on its input ``h``
     (transformers < 4.48, where a layer's q and k cannot be observed). Keys once for all groups."""
     attn = layer.self_attn
@@ -104,7 +109,7 @@ def attention_recomputed(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.T
     for group in rows:
         slots = _on(h.device, layout.row_slots(group))
         queries.append(_rotate(_queries(attn, x[:, slots]), cos[:, slots], sin[:, slots]))
-    return _row_attention(queries, k, attention_scaling(attn), layout, per_row)
+    return _row_attention(queries, k, attention_scaling(attn), layout, form)
 
 
 def attention_to_visual(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
