@@ -24,6 +24,7 @@ from prunebench.contract.plan import (
                                       qk_logits,
                                       row_embeddings,
                                       scale_layer,
+                                      visual_keys,
 )
 from prunebench.contract.strategy import EnvStep, EpisodeInfo, Observation, QueryContext, Strategy, StrategyConfig
 from prunebench.plugins.hookspecs import hookimpl
@@ -34,6 +35,6 @@ __all__ = [
     "BEFORE_LLM", "EMBEDDINGS", "PIXELS", "Assignment", "Budget", "EngineError", "EnvStep", "EpisodeInfo",
     "Observation", "PluginError", "PrunePlan", "PrunebenchError", "QueryContext", "SignalRequest",
     "Signals", "Stage", "Strategy", "StrategyConfig", "StrategyError", "TokenLayout", "ViewSpan",
-    "attention", "attention_entropy", "hookimpl", "qk_logits", "row_embeddings", "scale_layer", "Encoded",
-    "ModelFamily", "VLAModel",
+    "attention", "attention_entropy", "hookimpl", "qk_logits", "row_embeddings", "scale_layer", "visual_keys",
+    "Encoded", "ModelFamily", "VLAModel",
 ]

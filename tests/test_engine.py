@@ -13,6 +13,7 @@ from prunebench import (
     attention,
     attention_entropy,
     row_embeddings,
+    visual_keys,
 )
 from prunebench.contract.errors import EngineError
 from prunebench.contract.layout import ROW_GROUPS
@@ -285,7 +286,8 @@ def test_per_row_attention_and_row_embeddings(tiny_model, obs, monkeypatch):
 
     layer = 2  # after the removal at layer 0: a shortened sequence
     wanted = (attention(layer, "text"), attention(layer, "text", per_row=True),
-              attention(layer, "prefill", per_row=True), row_embeddings("prompt"), attention_entropy(layer))
+              attention(layer, "prefill", per_row=True), row_embeddings("prompt"), attention_entropy(layer),
+              visual_keys(layer))
     seen = []
     for registry in (True, False):
         monkeypatch.setattr(engine_module, "HAS_ATTENTION_REGISTRY", registry and HAS_ATTENTION_REGISTRY)
@@ -304,6 +306,9 @@ def test_per_row_attention_and_row_embeddings(tiny_model, obs, monkeypatch):
         prefill = values[attention(layer, "prefill", per_row=True).key]
         assert prefill.shape[0] == layout.row_slots("prefill").numel() - n_removed
         assert torch.equal(values[row_embeddings("prompt").key], enc.embeds[0, layout.row_slots("prompt")])
+        head_dim = TINY.hidden_size // TINY.n_heads
+        keys = values[visual_keys(layer).key]  # from the layer: rotary undone; recomputed: never applied
+        assert keys.shape == (layout.n_visual, head_dim) and keys[1::3].isnan().all() and not keys[::3].isnan().any()
     for key, value in seen[0].items():
         assert torch.allclose(value, seen[1][key], atol=1e-6, rtol=1e-5, equal_nan=True), key
 

@@ -22,7 +22,7 @@ BEFORE_LLM = -1
 REFERENCE_DEPTH = 32
 """Depth of the Llama-2-7B decoder in OpenVLA-OFT, which the papers' layer indices refer to."""
 
-SIGNAL_KINDS = ("attention", "attention_entropy", "qk_logits", "embeddings", "row_embeddings", "pixels")
+SIGNAL_KINDS = ("attention", "attention_entropy", "keys", "qk_logits", "embeddings", "row_embeddings", "pixels")
 
 
 def scale_layer(paper_layer: int, n_layers: int, reference_depth: int = REFERENCE_DEPTH) -> int:
@@ -47,6 +47,9 @@ class SignalRequest:
       attention_entropy  the entropy (nats) of each ``rows`` token's head-mean attention over all
                   keys at ``layer``, averaged over the rows: shape (1,) (VLA-Cache's per-layer
                   attention entropy; ``rows="all"`` for every token).
+      keys        the visual tokens' keys as layer ``layer`` computes them, before rotary, averaged
+                  over heads: shape (n_visual, head_dim), NaN rows for absent tokens (ToMe's
+                  similarity metric).
       qk_logits   layer-``layer`` q·k logits rows -> visual on the *input embeddings*: no rotary, no
                   softmax (ADP's retrieval weight); computed before any removal.
       embeddings  LLM input embeddings of the visual tokens, shape (n_visual, hidden).
@@ -57,7 +60,7 @@ class SignalRequest:
                   earlier frames).
     """
 
-    kind: Literal["attention", "attention_entropy", "qk_logits", "embeddings", "row_embeddings", "pixels"]
+    kind: Literal["attention", "attention_entropy", "keys", "qk_logits", "embeddings", "row_embeddings", "pixels"]
     layer: int = 0
     rows: str = "text"
     per_row: bool = False
@@ -68,16 +71,20 @@ class SignalRequest:
             return self.kind
         if self.kind == "row_embeddings":
             return f"{self.kind}:{self.rows}"
+        if self.kind == "keys":
+            return f"{self.kind}@{self.layer}"
         return f"{self.kind}@{self.layer}:{self.rows}" + (":per_row" if self.per_row else "")
 
     @property
     def before_llm(self) -> bool:
         """Input signals are ready before the first layer; attention needs its layer's input."""
-        return self.kind not in ("attention", "attention_entropy")
+        return self.kind not in ("attention", "attention_entropy", "keys")
 
     @property
     def form(self) -> str:
-        """How attention rows are reduced: mean (one row), per_row, or entropy."""
+        """What a layer-time signal computes: attention rows' mean (one row), per_row, entropy, or keys."""
+        if self.kind == "keys":
+            return "keys"
         return "entropy" if self.kind == "attention_entropy" else "per_row" if self.per_row else "mean"
 
 
@@ -87,6 +94,10 @@ def attention(layer: int, rows: str = "text", per_row: bool = False) -> SignalRe
 
 def attention_entropy(layer: int, rows: str = "all") -> SignalRequest:
     return SignalRequest("attention_entropy", layer, rows)
+
+
+def visual_keys(layer: int) -> SignalRequest:
+    return SignalRequest("keys", layer)
 
 
 def row_embeddings(rows: str = "prompt") -> SignalRequest:

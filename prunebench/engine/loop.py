@@ -109,7 +109,7 @@ class PruningEngine:
             for requests, value, columns in pending:
                 value = sig.to_host(value, columns, layout.n_visual)
                 if isinstance(requests, SignalRequest):
-                    signals[requests] = value
+                    signals[requests] = value.T if requests.form == "keys" else value
                 else:  # one row per request, moved together
                     for request, row in zip(requests, value.unbind(0)):
                         signals[request] = row
@@ -157,18 +157,19 @@ class PruningEngine:
             kept[stage.where] = keep
             return h
 
-        def add_attention(requests: list[SignalRequest], compute) -> None:
+        def add_attention(requests: list[SignalRequest], compute, keys) -> None:
             """``compute(rows, form)`` for the row-averaged requests together (one row each), then
-            for each other request; the values wait in ``pending``."""
+            for each other request, ``keys()`` for a keys request; the values wait in ``pending``."""
             present = layout.present_visual()
-            if reused.numel():  # their cached keys are attended to after the sequence's own
-                present = torch.cat([present, reused])
+            attended = torch.cat([present, reused]) if reused.numel() else present  # cached keys last
             averaged = [r for r in requests if r.form == "mean"]
             if averaged:
-                pending.append((averaged, compute([r.rows for r in averaged], "mean"), present))
+                pending.append((averaged, compute([r.rows for r in averaged], "mean"), attended))
             for request in requests:
-                if request.form != "mean":
-                    columns = present if request.form == "per_row" else None
+                if request.form == "keys":  # visual along the last dimension until on the host
+                    pending.append((request, keys().T, present))
+                elif request.form != "mean":
+                    columns = attended if request.form == "per_row" else None
                     pending.append((request, compute([request.rows], request.form)[0], columns))
 
         def observer(requests: list[SignalRequest]):
@@ -176,7 +177,8 @@ class PruningEngine:
             def observe(module, query, key, bias):
                 with timer("overhead", moved_from="llm"):
                     add_attention(requests, lambda rows, form: sig.attention_from_layer(
-                        module, query, key, layout, rows, form, bias))
+                        module, query, key, layout, rows, form, bias),
+                        lambda: sig.keys_from_layer(key, cos, sin, layout))
             return observe
 
         def cached_keys(index: int):
@@ -225,7 +227,7 @@ class PruningEngine:
                 elif wanted:  # transformers < 4.48: recompute q and k from the layer's weights
                     with timer("overhead", moved_from="llm"):
                         add_attention(wanted, lambda rows, form: sig.attention_recomputed(
-                            layer, h, cos, sin, layout, rows, form))
+                            layer, h, cos, sin, layout, rows, form), lambda: sig.keys_recomputed(layer, h, layout))
                 tokens.append(h.shape[1])
                 visual.append(h.shape[1] - n_other)
                 keys.append(h.shape[1] + reused.numel())

@@ -98,6 +98,21 @@ def attention_from_layer(module, query: torch.Tensor, key: torch.Tensor, layout:
     return _row_attention(queries, k, attention_scaling(module), layout, form, bias)
 
 
+def keys_from_layer(key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """The present visual tokens' keys as a layer computed them, rotary undone (a rotation by -angle)
+    and averaged over heads (ToMe's similarity metric): (n present visual, head_dim) on the device."""
+    first, stop = layout.visual_span()
+    k = key[:, :, first:stop]
+    c, s = cos[:, first:stop].unsqueeze(1), sin[:, first:stop].unsqueeze(1)
+    return (k * c - rotate_half(k) * s).mean(dim=(0, 1))
+
+
+def keys_recomputed(layer, h: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """The same as ``keys_from_layer``, recomputed from ``layer``'s weights (transformers < 4.48)."""
+    first, stop = layout.visual_span()
+    return _keys(layer.self_attn, layer.input_layernorm(h[:, first:stop])).mean(dim=(0, 1))
+
+
 def attention_recomputed(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                          layout: TokenLayout, rows: list[str], form: str = "mean"):
     """The same as ``attention_from_layer``, recomputed from ``layer``'s weights on its input ``h``

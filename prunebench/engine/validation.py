@@ -81,7 +81,7 @@ def check_plan(name: str, strategy: Strategy, plan, n_layers: int) -> None:
         if not 0 <= request.layer <= last + 1:
             raise StrategyError(name, f"signal {request.key}: layer {request.layer} out of range "
                                       f"0..{last + 1}")
-        if request.kind in ("attention", "qk_logits", "row_embeddings") and request.rows not in ROW_GROUPS:
+        if request.kind not in ("embeddings", "pixels", "keys") and request.rows not in ROW_GROUPS:
             raise StrategyError(name, f"signal {request.key}: rows must be one of "
                                       f"{', '.join(ROW_GROUPS)}")
 
