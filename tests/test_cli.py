@@ -2,12 +2,13 @@ import json
 
 from prunebench.cli.main import main
 from prunebench.evaluation.results import read_results
+from prunebench.plugins.manager import MANAGER
 
 
 def test_plugins_lists_the_baselines_and_the_paper_methods(capsys):
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
-    for name in ("none", "random", "downsample", "fastv", "specprune-vla", "vla-pruner", "adp"):
+    for name in ("none", "random", "downsample", "fastv", "specprune-vla", "vla-pruner", "adp", "divprune"):
         assert f"strategy {name}:" in out
 
 
@@ -60,5 +61,5 @@ def test_compare_prints_a_table(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "FLOPs-ideal" in out and "fastv" in out
     rows = json.loads((tmp_path / "c.json").read_text())["rows"]
-    assert {r["strategy"] for r in rows} == {"none", "random", "downsample", "fastv", "specprune-vla",
-                                             "vla-pruner", "adp"}
+    assert {r["strategy"] for r in rows} == {"none", *MANAGER.builtin_strategies()}
+    assert {"random", "fastv", "specprune-vla", "vla-pruner", "adp", "divprune"} <= {r["strategy"] for r in rows}

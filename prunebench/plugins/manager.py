@@ -41,6 +41,9 @@ DEFAULT_PLUGINS = (
     "prunebench.strategies.specprune_vla",
     "prunebench.strategies.vla_pruner",
     "prunebench.strategies.adp",
+    "prunebench.strategies.divprune",
+    "prunebench.strategies.lightvla_free",
+    "prunebench.strategies.sparsevlm",
     "prunebench.models.builtin",  # the built-in model families (MiniOFT, OpenVLA-OFT)
 )
 PLUGIN_FILES = "PRUNEBENCH_PLUGIN_FILES"

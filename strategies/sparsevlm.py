@@ -1,0 +1,261 @@
+"""``sparsevlm``: SparseVLM (Zhang et al., ICML 2025, arXiv 2410.04417, https://arxiv.org/abs/2410.04417).
+
+Text-guided, training-free visual token sparsification inside the LLM:
+
+1. **Raters.** Once per query, on the LLM *input* embeddings, every visual token spreads a softmax
+   over the text tokens (raw dot products X_v X_t^T, no 1/sqrt(d)); a text token's relevance is the
+   mean of that softmax over the visual tokens, and the text tokens whose relevance is above the
+   mean are the *raters*. Raters are fixed for the query.
+2. **Scores.** At a pruning layer, a visual token's score is the raters' attention to it at that
+   layer (head-averaged softmax rows of the rater tokens), averaged over the raters.
+3. **Progressive, rank-adaptive pruning.** Visual tokens are removed after several layers
+   (2, 6, 15, 19 of 32). How many a layer keeps follows the rank of the rater -> vision attention
+   matrix P (raters x present visual tokens) at that layer: the release keeps
+   ``scale x rank(P) + bias`` tokens, so a P of lower rank (raters that look at the image in fewer
+   independent ways) keeps fewer.
+4. **Recycling** (not implemented here, see below): of the tokens a layer deletes, the 30 % (+1)
+   the raters score highest are clustered (density-peak clustering, one cluster per 10 of them,
+   +1) and each cluster's mean enters the sequence as a new visual token.
+
+What we read in the release (https://github.com/Gumpest/SparseVLMs):
+
+* v1, the rank-based release (``Gumpest/SparseVLMs@b72c5d6``, 2024-10-22; its method files are
+  unchanged since ``91fb6d9``, "init sparsevlm"):
+  ``llava/model/language_model/modelling_sparse_llama.py`` (``LlamaDynamicvitModel``:
+  ``pruning_loc=[2, 6, 15, 19]``; rater selection on ``inputs_embeds``, candidates = every token
+  after the image, ``softmax(2).mean(1)``, strict ``>`` mean; pruning *after* the layer has run, from
+  that layer's attention; recycling; ``position_ids`` cut to the new length, i.e. renumbered),
+  ``llava/model/language_model/score.py`` (``attn_postprocess_rank``: head mean, rater rows,
+  ``torch.linalg.matrix_rank`` of that matrix in float32, mean over the raters, keep the top
+  ``min(int(rank x scale + bias), n_visual - 1)``, nothing removed when the rank equals the visual
+  count), ``llava/model/language_model/utils.py`` (``cluster_and_merge``), and the target ->
+  setting map in ``scripts/v1_5/eval/{mme,pope,textvqa}.sh`` and its README: 192 tokens
+  ``scale=13.5, bias=0``; 128 tokens ``scale=9, bias=6``; 64 tokens ``scale=0.8, bias=0``
+  (``llava/eval/model_vqa_loader.py`` defaults 13.5 / 0). A "target" there is the visual-token
+  count *averaged over the 32 layers*: rank <= number of raters (a few tens), so the first stage
+  makes the cut and a later one removes more only where the rank drops.
+* v1.5 (branch ``v1.5``, ``b9619e6``) and the SparseVLM+ ``main`` (``26a5f48``) replace the rank by
+  fixed per-layer counts at layers {2, 6, 15}: ``score.py`` maps 192 -> (300, 200, 110),
+  128 -> (303, 110, 36), 96 -> (238, 48, 26), 64 -> (66, 30, 17) of 576; raters and recycling as
+  in v1.
+
+Our ``original`` variant (the default), per query:
+
+* layers ``layers`` (default the v1 release's 2, 6, 15, 19 of 32, mapped with
+  ``prunebench.scale_layer``, duplicates merged, at most n_layers - 2: on the 4-layer built-in
+  model after layers 0, 1, 2);
+* rater candidates ``rater_rows="prompt"``: OpenVLA-OFT's whole prompt follows the images, as the
+  question (with its template) follows the image in LLaVA (``"text"``: without the template);
+* ``keep_ratio`` is the share of the visual tokens left after the *last* stage,
+  k = max(1, round(keep_ratio x n_visual)). It maps to per-stage counts as the v1.5 tables do
+  (a count per pruning layer, decreasing to the final one): a geometric schedule
+  c_i = round(n_visual x (k / n_visual)^((i+1)/S)) for the stages i = 0 .. S-2, the last keeps k
+  (over three stages, 576 -> 332, 191, 110 for the release's 192-token row, whose table says
+  300, 200, 110). Default ``keep_ratio = 110/576``: that row's final count (the paper's headline
+  192-token setting); on OpenVLA-OFT (2 x 256) the four stages keep 339, 224, 148, 98, on the
+  built-in model (2 x 64, three stages) 73, 42, 24;
+* the rank adapts each stage but the last, as in v1 (kept count proportional to rank(P), no
+  bias): stage i keeps round(c_i x rank(P_i) / r_full), r_full = min(raters, present visual
+  tokens), clamped to [k, present]; a full-rank P keeps c_i, a rank-deficient one fewer, so
+  tokens leave earlier; the last stage ends at k either way. ``rank_adaptive=false`` is the fixed
+  schedule (v1.5-style);
+* one global top-k over both cameras (``per_view=false``): the method ranks one image's tokens in
+  one pool and P is one matrix over every visual token, so the text decides which camera keeps
+  more (``per_view=true``: each stage's count split by view size);
+* position ids renumbered after each stage (``recompact``), as the release cuts ``position_ids``.
+
+The ``vla-pruner`` variant is VLA-Pruner's simplified SparseVLM baseline for OpenVLA
+(``MINT-SJTU/VLA-Pruner@fa5bfed``, ``src/openvla/transformers/src/transformers/models/llama/
+modeling_llama.py``, ``LlamaModel.forward`` with ``SparseVLM``; ``run_sparsevlm/*.sh``): raters
+r >= mean(r) on the input embeddings, one stage that keeps round(keep_ratio x n_visual) by the
+raters' mean attention at layer K - 1 = 2 of 32 (its ``fastv_k=3``: the tokens are removed before
+layer 3 using layer 2's attention), original position ids, no rank, no recycling. Its scripts run
+keep 0.5 / 0.25 / 0.125 (``fastv_r`` 0.5 / 0.75 / 0.875).
+
+Differences from the releases (see docs/strategies.md):
+
+* **No recycling.** Deleted tokens are dropped; the release merges the top 30 % of them into
+  new cluster tokens (the engine has no verb that adds tokens yet). The released counts include
+  those cluster tokens; ours are pure keeps.
+* **Count rule.** The release's scale and bias are absolute and hand-set per target for LLaVA's 576
+  tokens and its prompts; here the scale is set per stage so that a full-rank P keeps the
+  schedule's count (above), so ``keep_ratio`` is the final share exactly and the rank only ever
+  removes more. A stage never removes one token just because its count reaches the present count
+  (the release's ``min(..., n_visual - 1)`` does).
+* **Attention** is computed only for the prompt rows at the pruning layers, in float32, on the
+  engine's bidirectional attention (LLaVA's is causal; the text rows follow the image either way);
+  the rank uses torch's default tolerance in float32 as the release does, on float32 attention
+  (the release: fp16 attention cast to float32).
+* **Raters** come from the prompt group (VLA-Pruner's OpenVLA rows skip the prompt's first token
+  and the last token of the sequence); if no candidate is strictly above the mean (all equal),
+  every candidate is a rater (the release would have none).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+import prunebench
+from prunebench import (
+    EMBEDDINGS,
+    Budget,
+    PrunePlan,
+    Stage,
+    Strategy,
+    StrategyConfig,
+    attention,
+    row_embeddings,
+    scale_layer,
+)
+from prunebench.selection import top_k_under_budget
+
+ORIGINAL_LAYERS = (2, 6, 15, 19)  # v1 release, LlamaDynamicvitModel(pruning_loc=...)
+VLA_PRUNER_LAYERS = (2,)  # VLA-Pruner: fastv_k = 3, attention of layer K - 1
+
+
+class SparseVLMConfig(StrategyConfig):
+    variant: Literal["original", "vla-pruner"] = Field(
+        "original", description="original: progressive, rank-adaptive; vla-pruner: one stage (VLA-Pruner's)")
+    keep_ratio: float = Field(110 / 576, gt=0, le=1,
+                              description="share of visual tokens left after the last stage (110/576)")
+    layers: tuple[int, ...] | None = Field(
+        None, description="prune after these layers; None = 2, 6, 15, 19 of 32 (vla-pruner: 2), scaled")
+    rank_adaptive: bool = Field(True, description="counts follow rank(rater attention); False = fixed schedule")
+    rater_rows: Literal["prompt", "text"] = Field("prompt", description="rater candidates (text: no template)")
+    per_view: bool = Field(False, description="split each stage's count by view; False = one pool")
+
+    @model_validator(mode="after")
+    def _layers_fit_variant(self) -> "SparseVLMConfig":
+        if self.layers is not None:
+            if not self.layers or min(self.layers) < 0:
+                raise ValueError("layers: give one or more layer indices >= 0")
+            if self.variant == "vla-pruner" and len(set(self.layers)) != 1:
+                raise ValueError("layers: the vla-pruner variant prunes after one layer")
+        return self
+
+    @classmethod
+    def search_space(cls, trial):
+        return cls(keep_ratio=trial.suggest_float("keep_ratio", 0.05, 1.0),
+                   per_view=trial.suggest_categorical("per_view", [False, True]),
+                   rater_rows=trial.suggest_categorical("rater_rows", ["prompt", "text"]))
+
+
+# ----------------------------------------------------------------------------- the pieces
+def text_relevance(visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """Relevance of each text token to the image: softmax over the text tokens of every visual
+    token's raw dot products with them, averaged over the visual tokens. (n_text,), float32."""
+    logits = visual.float() @ text.float().T  # (n_visual, n_text)
+    return torch.softmax(logits, dim=1).mean(dim=0)
+
+
+def raters_from_relevance(relevance: torch.Tensor, inclusive: bool = False) -> torch.Tensor:
+    """Indices of the text tokens above the mean relevance (``inclusive``: at or above it, as
+    VLA-Pruner); every token when none is strictly above (all equal)."""
+    mean = relevance.mean()
+    chosen = relevance >= mean if inclusive else relevance > mean
+    if not bool(chosen.any()):
+        chosen = relevance >= mean
+    return torch.nonzero(chosen, as_tuple=True)[0]
+
+
+def rater_scores(rows: torch.Tensor, raters: torch.Tensor) -> torch.Tensor:
+    """Per visual token, the mean attention of the rater rows (NaN stays NaN): (n_visual,)."""
+    return rows[raters].mean(dim=0)
+
+
+def rater_rank(rows: torch.Tensor, raters: torch.Tensor, present: torch.Tensor) -> int:
+    """Rank of P, the raters' attention to the present visual tokens (torch's default tolerance)."""
+    return int(torch.linalg.matrix_rank(rows[raters][:, present].float()))
+
+
+def schedule_counts(n_visual: int, keep_ratio: float, n_stages: int) -> list[int]:
+    """Visual tokens kept after each stage: geometric from n_visual to the final
+    k = max(1, round(keep_ratio x n_visual)), which the last stage keeps."""
+    final = max(1, round(keep_ratio * n_visual))
+    counts = [max(final, int(n_visual * (final / n_visual) ** ((i + 1) / n_stages) + 0.5))
+              for i in range(n_stages - 1)]
+    return counts + [final]
+
+
+def rank_adapted_count(target: int, rank: int, full_rank: int, final: int, present: int) -> int:
+    """A stage's kept count: ``target`` scaled by rank(P) / its full rank, in [final, present]."""
+    count = int(target * rank / max(full_rank, 1) + 0.5)
+    return max(1, min(present, max(final, count)))
+
+
+# ----------------------------------------------------------------------------- the strategy
+class SparseVLM(Strategy):
+    """SparseVLM: text raters score the visual tokens; progressive, rank-adaptive pruning (no recycling)."""
+
+    name = "sparsevlm"
+    Config = SparseVLMConfig
+    position_ids = "recompact"  # the release cuts position_ids to the new length; see __init__
+
+    def __init__(self, config=None) -> None:
+        super().__init__(config)
+        if self.config.variant == "vla-pruner":  # VLA-Pruner passes the kept tokens' own positions
+            self.position_ids = "original"
+        self.raters: torch.Tensor | None = None
+        self.ranks: dict[int, int] = {}  # after_layer -> rank(P) at that stage (this query)
+        self.counts: dict[int, int] = {}  # after_layer -> visual tokens kept there (this query)
+
+    def layers(self, n_layers: int) -> tuple[int, ...]:
+        c = self.config
+        paper = ORIGINAL_LAYERS if c.variant == "original" else VLA_PRUNER_LAYERS
+        layers = c.layers if c.layers is not None else tuple(scale_layer(l, n_layers) for l in paper)
+        return tuple(sorted({min(l, n_layers - 2) for l in layers}))
+
+    def schedule(self, ctx):
+        c = self.config
+        self.raters, self.ranks, self.counts = None, {}, {}
+        if ctx.n_layers < 2:  # no layer has another after it
+            return PrunePlan.dense()
+        layers = self.layers(ctx.n_layers)
+        self.stage_index = {l: i for i, l in enumerate(layers)}
+        self.targets = schedule_counts(ctx.layout.n_visual, c.keep_ratio, len(layers))
+        budget = Budget(keep_ratio=c.keep_ratio, per_view=c.per_view) if c.variant == "vla-pruner" else None
+        stages = tuple(Stage(l, budget, name=c.variant) for l in layers)
+        signals = (EMBEDDINGS, row_embeddings(c.rater_rows),
+                   *(attention(l, c.rater_rows, per_row=True) for l in layers))
+        return PrunePlan(stages, signals)
+
+    def _raters(self, signals) -> torch.Tensor:
+        if self.raters is None:
+            relevance = text_relevance(signals[EMBEDDINGS], signals[row_embeddings(self.config.rater_rows)])
+            self.raters = raters_from_relevance(relevance, inclusive=self.config.variant == "vla-pruner")
+        return self.raters
+
+    def score(self, stage, signals, ctx):
+        rows = signals[attention(stage.after_layer, self.config.rater_rows, per_row=True)]
+        raters = self._raters(signals)
+        if self.config.variant == "original":
+            self._count(stage, rows, raters, ctx.current_layout)
+        return rater_scores(rows, raters)
+
+    def _count(self, stage, rows, raters, layout) -> None:
+        """This stage's kept count from the schedule and, unless it is the last, rank(P)."""
+        i = self.stage_index[stage.after_layer]
+        present = layout.present_visual()
+        target, final = self.targets[i], self.targets[-1]
+        count = min(target, present.numel())
+        if self.config.rank_adaptive:
+            rank = rater_rank(rows, raters, present)
+            self.ranks[stage.after_layer] = rank
+            if i < len(self.targets) - 1:
+                full = min(raters.numel(), present.numel())
+                count = rank_adapted_count(target, rank, full, final, present.numel())
+        self.counts[stage.after_layer] = count
+
+    def select(self, stage, scores, ctx, layout):
+        if stage.budget is not None:  # vla-pruner: a fixed keep ratio
+            return top_k_under_budget(scores, stage.budget, layout)
+        budget = Budget(keep_count=self.counts[stage.after_layer], per_view=self.config.per_view)
+        return top_k_under_budget(scores, budget, layout)
+
+
+@prunebench.hookimpl
+def prunebench_register_strategies(register):
+    register(SparseVLM)
