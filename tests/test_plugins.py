@@ -8,7 +8,8 @@ from prunebench.contract.errors import PluginError
 from prunebench.plugins.manager import MANAGER, PluginManager
 from tests.helpers import StrategyPlugin
 
-BASELINES = {"none", "random", "downsample", "fastv", "specprune-vla", "vla-pruner", "adp"}
+BASELINES = {"none", "random", "downsample", "fastv", "specprune-vla", "vla-pruner", "adp", "divprune",
+             "lightvla-free", "sparsevlm"}
 
 
 def test_builtins_register_through_the_hook():
@@ -168,7 +169,7 @@ def test_unknown_strategy_and_bad_config_fields():
         MANAGER.create("fastv", {"rows": "diagonal"})
 
 
-@pytest.mark.parametrize("name", sorted(BASELINES))
+@pytest.mark.parametrize("name", sorted({"none", *MANAGER.builtin_strategies()}))
 def test_search_space_maps_a_trial_to_a_valid_config(name):
     from prunebench.study.space import SearchTrial
 

@@ -90,7 +90,8 @@ def test_merging_changes_the_kept_tokens_and_proportional_attention_weighs_them(
 
 
 @pytest.mark.parametrize("assignment, message", [
-    (lambda keep, removed: Assignment(removed[1:], keep[:1].expand(len(removed) - 1)), "exactly once"),
+    (lambda keep, removed: Assignment(removed[[0, 0]], keep[:1].expand(2)), "at most once"),
+    (lambda keep, removed: Assignment(keep[:1], keep[1:2]), "not kept, each"),
     (lambda keep, removed: Assignment(removed, removed), "not kept"),
     (lambda keep, removed: Assignment(removed, keep[:1].expand(len(removed)), -torch.ones(len(removed))),
      "positive"),
@@ -106,6 +107,18 @@ def test_bad_assignments_name_the_strategy(engine, obs, assignment, message):
 
     with pytest.raises(StrategyError, match=f"bad-merge.*{message}"):
         engine.query(Bad(1, lambda stage, layout: layout.present_visual()[::2]), obs)
+
+
+def test_tokens_an_assignment_does_not_name_are_dropped(engine, obs):
+    every_other = lambda stage, layout: layout.present_visual()[::2]
+
+    class Partial(Merges):
+        def assign(self, stage, keep, ctx, layout):
+            return Assignment(torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))
+
+    partial = engine.query(Partial(1, every_other), obs)
+    dropped = engine.query(FixedPlan([Stage(1)], keep_fn=every_other), obs)
+    assert torch.equal(torch.as_tensor(partial.actions), torch.as_tensor(dropped.actions))
 
 
 def test_a_merge_stage_without_assign_is_a_strategy_error(engine, obs):

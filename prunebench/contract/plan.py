@@ -162,9 +162,10 @@ class Stage:
     ``verb`` says what happens to the visual tokens ``select()`` does not keep (docs/engine.md):
 
     * ``drop`` (default): they leave the sequence.
-    * ``merge``: they leave the sequence, each folded into a kept token: ``Strategy.assign()`` names
-      the kept token and a weight (an :class:`Assignment`); the kept token's hidden state becomes the
-      weighted mean, and it keeps its own position.
+    * ``merge``: they leave the sequence, folded into kept tokens: ``Strategy.assign()`` names, for
+      each token it folds, the kept token and a weight (an :class:`Assignment`); the kept token's
+      hidden state becomes the weighted mean, and it keeps its own position. Tokens the assignment
+      does not name are dropped.
     * ``reuse``: they stop being computed (no query, no MLP) but are still attended to: at this and
       every later layer their keys and values come from the previous query's at the same original
       position (VLA-Cache). The strategy must set ``Strategy.reuses_kv``.
@@ -184,8 +185,9 @@ class Stage:
 class Assignment:
     """Where a merge stage folds each removed visual token: ``removed[i]`` into the kept visual index
     ``into[i]`` with weight ``weight[i]`` (None: the token's size, i.e. how many original tokens it
-    already holds; a kept token's own weight is always its size). Every present visual token that
-    ``select()`` did not keep must appear once in ``removed``."""
+    already holds; a kept token's own weight is always its size). ``removed`` names present visual
+    tokens that ``select()`` did not keep, each at most once; those it does not name are dropped
+    (SparseVLM recycles only some of the tokens it deletes)."""
 
     removed: torch.Tensor  # (r,) long, visual indices
     into: torch.Tensor  # (r,) long, kept visual indices

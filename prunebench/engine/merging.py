@@ -18,19 +18,21 @@ from prunebench.contract.plan import Assignment, Stage
 
 def check_assignment(name: str, stage: Stage, assignment, keep: torch.Tensor,
                      layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``assignment`` as host tensors (removed, into, weight), after checking that it folds every
-    present visual token outside ``keep`` (sorted) exactly once into a kept one."""
+    """``assignment`` as host tensors (removed, into, weight), after checking that it folds present
+    visual tokens outside ``keep`` (sorted), each at most once, into kept ones (the tokens it does
+    not name are dropped)."""
     where = f"stage {stage.where}: assign()"
     if not isinstance(assignment, Assignment):
         raise StrategyError(name, f"{where} must return an Assignment, got {type(assignment).__name__}")
     removed, into = assignment.removed.cpu().long(), assignment.into.cpu().long()
     present = layout.present_visual()
-    expected = present[~torch.isin(present, keep)]
+    candidates = present[~torch.isin(present, keep)]
     if removed.shape != into.shape or removed.dim() != 1:
         raise StrategyError(name, f"{where}: removed and into must be 1-D and of one length")
-    if not torch.equal(torch.sort(removed).values, expected):
-        raise StrategyError(name, f"{where}: removed must hold each of the {expected.numel()} present "
-                                  "visual tokens not kept exactly once")
+    unique = torch.unique(removed)
+    if unique.numel() != removed.numel() or not bool(torch.isin(removed, candidates).all()):
+        raise StrategyError(name, f"{where}: removed must name present visual tokens that are not "
+                                  "kept, each at most once")
     outside = into[~torch.isin(into, keep)]
     if outside.numel():
         raise StrategyError(name, f"{where}: into names {outside.tolist()[:5]}, which are not kept")
