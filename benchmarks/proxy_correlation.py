@@ -15,7 +15,8 @@ configs alike. This script measures it on the shipped policy:
     python benchmarks/proxy_correlation.py -o results/proxy --report   # the table from what is done
 
 Long: every finished config's results file is kept in ``-o``, and a rerun with the same plan goes on
-from there (an interrupted config is rerun whole). A different plan in the same folder is refused.
+from there (an interrupted config is rerun whole). A different plan in the same folder is refused,
+and so is a second run while one holds the folder; ``--report`` only reads, so it may run beside.
 Timing is not measured here (no dense reference in closed loop), so other work may run beside it.
 """
 
@@ -53,6 +54,20 @@ def plan(args) -> dict:
             "configs": [[label, name, cfg] for label, name, cfg in CONFIGS]}
 
 
+def lock_folder(out: Path):
+    """Hold ``out`` for this run (released when the process ends, however it ends): a second run
+    into the same folder would write the same results files."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / ".lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        sys.exit(f"{out}: another proxy_correlation run is using this folder (--report reads it meanwhile)")
+    return handle
+
+
 def open_folder(out: Path, wanted: dict) -> None:
     """A new folder, or one holding this very plan (resume); anything else is refused."""
     plan_file = out / "plan.json"
@@ -60,7 +75,7 @@ def open_folder(out: Path, wanted: dict) -> None:
         if json.loads(plan_file.read_text()) != json.loads(json.dumps(wanted)):
             sys.exit(f"{plan_file}: holds a different plan; use another -o")
         return
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(p.name != ".lock" for p in out.iterdir()):
         sys.exit(f"{out}: not empty and holds no plan.json; use another -o")
     write_text(plan_file, json.dumps(wanted, indent=2))
 
@@ -125,17 +140,28 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--render-quality", choices=["stock", "fast"], default="stock")
     p.add_argument("--fast-reset", action="store_true")
-    p.add_argument("--report", action="store_true", help="only the table of the configs already done")
+    p.add_argument("--report", action="store_true",
+                   help="only the table of the configs already complete (runs and writes nothing; "
+                        "works while a run is going on)")
     args = p.parse_args()
     out = Path(args.output)
-    open_folder(out, plan(args))
 
-    dense = closed_loop(args, out, "dense", "none", {}, record=True) if not args.report else None
+    def complete(kind: str, label: str) -> bool:
+        path = out / kind / f"{slug(label)}.json"
+        return path.exists() and (kind == "replay" or read_eval_results(path).complete)
+
+    if args.report:
+        if not (out / "plan.json").exists() or not complete("closed_loop", "dense"):
+            sys.exit(f"{out}: no complete dense run yet")
+    else:
+        lock = lock_folder(out)  # noqa: F841 (held until the process ends)
+    open_folder(out, plan(args))  # the same plan, or refused
+
+    dense = closed_loop(args, out, "dense", "none", {}, record=True)
     engine = None
     rows = []
     for label, name, config in CONFIGS:
-        done = (out / "closed_loop" / f"{slug(label)}.json").exists()
-        if args.report and not done:
+        if args.report and not (complete("closed_loop", label) and complete("replay", label)):
             continue
         row = {"config": label, **closed_loop(args, out, label, name, config, record=False)}
         if engine is None:
@@ -148,26 +174,25 @@ def main() -> int:
             engine = PruningEngine(model)
         row["action_error"] = replayed(args, out, label, name, config, engine)
         rows.append(row)
-    if dense is None and (out / "closed_loop" / "dense.json").exists():
-        dense = closed_loop(args, out, "dense", "none", {}, record=False)
     for row in rows:
-        row["success_drop"] = dense["success_rate"] - row["success_rate"] if dense else None
+        row["success_drop"] = dense["success_rate"] - row["success_rate"]
     summary = {"plan": plan(args), "dense": dense, "configs": rows,
                "correlation": correlations(rows) if len(rows) >= 3 else None}
-    write_text(out / "proxy_correlation.json", json.dumps(summary, indent=2))
+    if not args.report:
+        write_text(out / "proxy_correlation.json", json.dumps(summary, indent=2))
     print(format_table([{**r, "ci": "[{:.2f}, {:.2f}]".format(*r["success_ci95"])} for r in rows],
                        [("config", "config", ""), ("n_episodes", "episodes", "d"), ("success_rate", "success", ".3f"),
                         ("ci", "95% CI", ""), ("success_drop", "drop vs dense", "+.3f"),
                         ("action_error", "replay action error", ".4f")]))
-    if dense:
-        print(f"dense: success {dense['success_rate']:.3f} over {dense['n_episodes']} episodes")
+    print(f"dense: success {dense['success_rate']:.3f} over {dense['n_episodes']} episodes")
     if summary["correlation"]:
         c = summary["correlation"]
         for key in ("spearman", "kendall"):
             v = c[key]
             print(f"{key}: {v['value']:+.3f} (p {v['p_value']:.2g}, bootstrap 95% CI over configs "
                   f"[{v['ci95'][0]:+.2f}, {v['ci95'][1]:+.2f}]) over {c['n_configs']} configs")
-    print(f"wrote {out / 'proxy_correlation.json'}")
+    if not args.report:
+        print(f"wrote {out / 'proxy_correlation.json'}")
     return 0
 
 
