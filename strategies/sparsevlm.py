@@ -13,9 +13,9 @@ Text-guided, training-free visual token sparsification inside the LLM:
    matrix P (raters x present visual tokens) at that layer: the release keeps
    ``scale x rank(P) + bias`` tokens, so a P of lower rank (raters that look at the image in fewer
    independent ways) keeps fewer.
-4. **Recycling** (not implemented here, see below): of the tokens a layer deletes, the 30 % (+1)
-   the raters score highest are clustered (density-peak clustering, one cluster per 10 of them,
-   +1) and each cluster's mean enters the sequence as a new visual token.
+4. **Recycling.** Of the tokens a layer deletes, the 30 % (+1) the raters score highest are
+   clustered (density-peak clustering with kNN density, one cluster per 10 of them, +1) and each
+   cluster's mean enters the sequence as a visual token; the other deleted tokens are dropped.
 
 What we read in the release (https://github.com/Gumpest/SparseVLMs):
 
@@ -24,11 +24,20 @@ What we read in the release (https://github.com/Gumpest/SparseVLMs):
   ``llava/model/language_model/modelling_sparse_llama.py`` (``LlamaDynamicvitModel``:
   ``pruning_loc=[2, 6, 15, 19]``; rater selection on ``inputs_embeds``, candidates = every token
   after the image, ``softmax(2).mean(1)``, strict ``>`` mean; pruning *after* the layer has run, from
-  that layer's attention; recycling; ``position_ids`` cut to the new length, i.e. renumbered),
+  that layer's attention; ``position_ids`` cut to the new length, i.e. renumbered; recycling under
+  "Recycle: Section 3.3", on wherever a stage removes tokens (no switch): of the deleted tokens, the
+  top ``int(0.3 x deleted) + 1`` by rater mean, ``cluster_num = int(recycled / 10) + 1``, the
+  cluster tokens inserted right after the kept visual tokens, so with the next position ids, and
+  among the visual tokens the next stage scores),
   ``llava/model/language_model/score.py`` (``attn_postprocess_rank``: head mean, rater rows,
   ``torch.linalg.matrix_rank`` of that matrix in float32, mean over the raters, keep the top
   ``min(int(rank x scale + bias), n_visual - 1)``, nothing removed when the rank equals the visual
-  count), ``llava/model/language_model/utils.py`` (``cluster_and_merge``), and the target ->
+  count), ``llava/model/language_model/utils.py`` (``cluster_and_merge``: DPC-kNN on the layer's
+  output hidden states: Euclidean distance / sqrt(hidden size); density exp(-mean squared distance
+  to the ``cluster_num`` nearest, itself included) plus uniform noise of 1e-6; separation = the
+  distance to the nearest denser token (the largest distance of all for the densest); the
+  ``cluster_num`` largest density x separation are the centres; every token joins its nearest
+  centre; each cluster becomes its members' plain mean), and the target ->
   setting map in ``scripts/v1_5/eval/{mme,pope,textvqa}.sh`` and its README: 192 tokens
   ``scale=13.5, bias=0``; 128 tokens ``scale=9, bias=6``; 64 tokens ``scale=0.8, bias=0``
   (``llava/eval/model_vqa_loader.py`` defaults 13.5 / 0). A "target" there is the visual-token
@@ -62,21 +71,49 @@ Our ``original`` variant (the default), per query:
 * one global top-k over both cameras (``per_view=false``): the method ranks one image's tokens in
   one pool and P is one matrix over every visual token, so the text decides which camera keeps
   more (``per_view=true``: each stage's count split by view size);
-* position ids renumbered after each stage (``recompact``), as the release cuts ``position_ids``.
+* position ids renumbered after each stage (``recompact``), as the release cuts ``position_ids``;
+* recycling (``recycle=true``, the default: v1 has no switch) makes every stage a ``merge``: a
+  stage that leaves ``total`` tokens keeps ``total - clusters`` by score and one *representative*
+  per cluster of the best deleted tokens (30 % + 1 of the deleted, one cluster per 10 + 1, as the
+  release; ``recycle_split`` solves the count, since the deleted set grows with the clusters), and
+  folds every other member into its cluster's representative at weight 1, so the representative's
+  hidden state becomes the members' plain mean, the release's cluster token. The representative is
+  the member holding the fewest original tokens, then the best-scored: at the first stage every
+  member holds one and the mean is exact whoever represents it; the best-scored is the raters'
+  favourite of the cluster (a stage with one cluster keeps the top of its scores, as a drop would); later
+  a member can be an earlier cluster, which the engine would weigh by its size were it the
+  representative. The clusters come from ``dpc_knn_clusters`` on the layer's visual keys
+  (see below); the other deleted tokens are dropped. With ``per_view`` each view recycles inside its
+  own quota. ``recycle=false`` is the drop-only method (the same kept tokens and actions as before
+  recycling existed).
 
 The ``vla-pruner`` variant is VLA-Pruner's simplified SparseVLM baseline for OpenVLA
 (``MINT-SJTU/VLA-Pruner@fa5bfed``, ``src/openvla/transformers/src/transformers/models/llama/
 modeling_llama.py``, ``LlamaModel.forward`` with ``SparseVLM``; ``run_sparsevlm/*.sh``): raters
 r >= mean(r) on the input embeddings, one stage that keeps round(keep_ratio x n_visual) by the
 raters' mean attention at layer K - 1 = 2 of 32 (its ``fastv_k=3``: the tokens are removed before
-layer 3 using layer 2's attention), original position ids, no rank, no recycling. Its scripts run
-keep 0.5 / 0.25 / 0.125 (``fastv_r`` 0.5 / 0.75 / 0.875).
+layer 3 using layer 2's attention), original position ids, no rank, no recycling (``recycle``
+defaults to false there; true is refused). Its scripts run keep 0.5 / 0.25 / 0.125 (``fastv_r``
+0.5 / 0.75 / 0.875).
 
 Differences from the releases (see docs/strategies.md):
 
-* **No recycling.** Deleted tokens are dropped; the release merges the top 30 % of them into
-  new cluster tokens (the engine has no verb that adds tokens yet). The released counts include
-  those cluster tokens; ours are pure keeps.
+* **Recycling: counts.** The cluster tokens count *inside* each stage's total, so ``keep_ratio`` is
+  still the exact share left after the last stage and ``recycle`` on and off compare at equal
+  token counts and FLOPs; the release adds them on top of its rank count (v1) or table count
+  (v1.5), though the token "target" v1 reports (the average over the layers) includes them. A
+  stage whose clusters would leave no token kept by score (a total of one or two) does not recycle.
+* **Recycling: what is clustered.** The release clusters the layer's output hidden states; the
+  engine gives strategies no hidden states, so ours clusters the layer's visual keys
+  (``visual_keys``: head mean, rotary undone) with the same distance, density and centre rule. The
+  merged value is the mean of the members' hidden states after the layer, as in the release.
+* **Recycling: where the token sits.** The release inserts the cluster tokens after the last kept
+  visual token; ours is its representative, at that token's place among the kept visual tokens
+  (positions are renumbered, so the text after the image gets the same positions either way).
+* **Recycling: ties.** The release breaks density ties with random noise of 1e-6; ours gives an
+  equal density, product or distance to the earlier token in score order, so it is deterministic
+  (checked against the release's function on random groups: the same clusters wherever its noise
+  does not decide).
 * **Count rule.** The release's scale and bias are absolute and hand-set per target for LLaVA's 576
   tokens and its prompts; here the scale is set per stage so that a full-rank P keeps the
   schedule's count (above), so ``keep_ratio`` is the final share exactly and the rank only ever
@@ -101,6 +138,7 @@ from pydantic import Field, model_validator
 import prunebench
 from prunebench import (
     EMBEDDINGS,
+    Assignment,
     Budget,
     PrunePlan,
     Stage,
@@ -109,11 +147,14 @@ from prunebench import (
     attention,
     row_embeddings,
     scale_layer,
+    visual_keys,
 )
-from prunebench.selection import top_k_under_budget
+from prunebench.selection import present_in_view, top_k, top_k_under_budget
 
 ORIGINAL_LAYERS = (2, 6, 15, 19)  # v1 release, LlamaDynamicvitModel(pruning_loc=...)
 VLA_PRUNER_LAYERS = (2,)  # VLA-Pruner: fastv_k = 3, attention of layer K - 1
+RECYCLE_TENTHS = 3  # the release recycles the top 30 % (+1) of the deleted tokens ...
+TOKENS_PER_CLUSTER = 10  # ... in one cluster per 10 of them (+1)
 
 
 class SparseVLMConfig(StrategyConfig):
@@ -126,9 +167,20 @@ class SparseVLMConfig(StrategyConfig):
     rank_adaptive: bool = Field(True, description="counts follow rank(rater attention); False = fixed schedule")
     rater_rows: Literal["prompt", "text"] = Field("prompt", description="rater candidates (text: no template)")
     per_view: bool = Field(False, description="split each stage's count by view; False = one pool")
+    recycle: bool = Field(True, description="merge the best deleted tokens into cluster tokens (v1 always "
+                                            "does); vla-pruner: never")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _vla_pruner_does_not_recycle(cls, data):
+        if isinstance(data, dict) and data.get("variant") == "vla-pruner" and "recycle" not in data:
+            return {**data, "recycle": False}
+        return data
 
     @model_validator(mode="after")
     def _layers_fit_variant(self) -> "SparseVLMConfig":
+        if self.variant == "vla-pruner" and self.recycle:
+            raise ValueError("recycle: the vla-pruner variant never recycles (its release does not)")
         if self.layers is not None:
             if not self.layers or min(self.layers) < 0:
                 raise ValueError("layers: give one or more layer indices >= 0")
@@ -186,9 +238,102 @@ def rank_adapted_count(target: int, rank: int, full_rank: int, final: int, prese
     return max(1, min(present, max(final, count)))
 
 
+# ----------------------------------------------------------------------------- recycling
+def recycle_counts(deleted: int) -> tuple[int, int]:
+    """Of ``deleted`` tokens, how many the release recycles (the top 30 %, +1) and into how many
+    clusters (one per 10 recycled, +1); (0, 0) when nothing is deleted."""
+    if deleted <= 0:
+        return 0, 0
+    recycled = RECYCLE_TENTHS * deleted // 10 + 1  # int(deleted x 0.3) + 1, in integers
+    return recycled, recycled // TOKENS_PER_CLUSTER + 1
+
+
+def recycle_split(present: int, total: int) -> tuple[int, int, int]:
+    """How a stage that leaves ``total`` of ``present`` visual tokens splits them when it recycles:
+    (kept by score, recycled, clusters), the cluster tokens counted *inside* ``total``: ``scored +
+    clusters == total``, the deleted tokens being ``present - scored``. The least fixed point of
+    clusters = recycle_counts(present - total + clusters)[1] (a few integer steps: the count grows by
+    about 3 % of the deleted tokens). Nothing recycles when nothing is deleted, or when the clusters
+    would leave no token kept by score (a tiny ``total``): then the stage just keeps ``total``."""
+    total = min(total, present)
+    if total >= present:
+        return total, 0, 0
+    clusters = 0
+    while True:
+        recycled, needed = recycle_counts(present - total + clusters)
+        if needed == clusters:
+            break
+        clusters = needed
+    if total - clusters < 1:
+        return total, 0, 0
+    return total - clusters, recycled, clusters
+
+
+def knn_density(dist: torch.Tensor, k: int) -> torch.Tensor:
+    """DPC-kNN local density: exp(-mean squared distance to the ``k`` nearest points, the point
+    itself (distance 0) included). (m,)."""
+    nearest = torch.topk(dist, min(k, dist.shape[1]), dim=1, largest=False).values
+    return torch.exp(-(nearest ** 2).mean(dim=1))
+
+
+def dpc_knn_clusters(features: torch.Tensor, n_clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Density-peak clustering with kNN density (the release's ``cluster_and_merge``), all tensor ops.
+
+    ``features`` (m, d), rows in priority order (best score first). Distances are Euclidean / sqrt(d);
+    density from the ``n_clusters`` nearest points (the release uses the cluster count as k); a
+    point's *separation* is its distance to the nearest denser point (the largest distance of all for
+    the densest); the ``n_clusters`` points with the largest density x separation are the centres,
+    and every point joins its nearest centre (a centre its own). Ties (equal densities, equal
+    products, equidistant centres) go to the earlier row, where the release adds noise of 1e-6 to the
+    densities. Returns (labels (m,) in 0 .. n_clusters-1, centres (n_clusters,) row indices)."""
+    x = features.float()
+    m = x.shape[0]
+    dist = (x[:, None, :] - x[None, :, :]).norm(dim=-1) / x.shape[1] ** 0.5  # exact, symmetric
+    density = knn_density(dist, n_clusters)
+    row = torch.arange(m)
+    # denser[i, j]: j is denser than i (an equal density counts as denser when j comes first)
+    denser = (density[None, :] > density[:, None]) | (
+        (density[None, :] == density[:, None]) & (row[None, :] < row[:, None]))
+    separation = torch.where(denser, dist, dist.max()).min(dim=1).values
+    centres = torch.sort(separation * density, descending=True, stable=True).indices[:n_clusters]
+    labels = dist[:, centres].argmin(dim=1)
+    labels[centres] = torch.arange(centres.numel())
+    return labels, centres
+
+
+def recycle(scores: torch.Tensor, among: torch.Tensor, split: tuple[int, int, int], features: torch.Tensor,
+            sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One pool's recycling: (keep, removed, into) visual indices.
+
+    ``split`` = (scored, recycled, clusters) from ``recycle_split``. The ``scored`` best of ``among``
+    are kept; the next ``recycled`` by score (the best of the deleted) are clustered on their
+    ``features`` rows; each cluster's *representative* is kept and its other members fold into it
+    (``removed[i]`` -> ``into[i]``); the rest of ``among`` is dropped. The representative is the
+    member holding the fewest original tokens (``sizes``), then the best-scored: with every member
+    folded at weight 1, the merged hidden state is then the plain cluster mean, as the release's
+    cluster token (always so at the first stage, where every size is 1)."""
+    scored, n_recycled, n_clusters = split
+    ranked = top_k(scores, among.numel(), among, ordered=True)  # best first, ties by lower index
+    kept = ranked[:scored]
+    if n_clusters == 0:
+        empty = among[:0]
+        return torch.sort(kept).values, empty, empty
+    pool = ranked[scored:scored + n_recycled]
+    labels, _ = dpc_knn_clusters(features[pool], n_clusters)
+    m = pool.numel()
+    priority = sizes[pool].round().long() * m + torch.arange(m)  # fewest tokens, then best score
+    first = torch.full((n_clusters,), priority.max() + 1).scatter_reduce(0, labels, priority, "amin")
+    rep = first % m  # the representative's row in the pool, per cluster
+    member = torch.ones(m, dtype=torch.bool)
+    member[rep] = False
+    keep = torch.sort(torch.cat([kept, pool[rep]])).values
+    return keep, pool[member], pool[rep][labels[member]]
+
+
 # ----------------------------------------------------------------------------- the strategy
 class SparseVLM(Strategy):
-    """SparseVLM: text raters score the visual tokens; progressive, rank-adaptive pruning (no recycling)."""
+    """SparseVLM: text raters score the visual tokens; progressive, rank-adaptive pruning; the best
+    deleted tokens recycled into cluster tokens."""
 
     name = "sparsevlm"
     Config = SparseVLMConfig
@@ -201,6 +346,10 @@ class SparseVLM(Strategy):
         self.raters: torch.Tensor | None = None
         self.ranks: dict[int, int] = {}  # after_layer -> rank(P) at that stage (this query)
         self.counts: dict[int, int] = {}  # after_layer -> visual tokens kept there (this query)
+        # after_layer -> (kept by score, recycled, clusters) per pool (one, or one per view)
+        self.recycling: dict[int, list[tuple[int, int, int]]] = {}
+        self.assignments: dict[int, Assignment] = {}  # after_layer -> what its merge folds
+        self.sizes: torch.Tensor | None = None  # original tokens each visual token holds (this query)
 
     def layers(self, n_layers: int) -> tuple[int, ...]:
         c = self.config
@@ -211,15 +360,19 @@ class SparseVLM(Strategy):
     def schedule(self, ctx):
         c = self.config
         self.raters, self.ranks, self.counts = None, {}, {}
+        self.recycling, self.assignments = {}, {}
+        self.sizes = torch.ones(ctx.layout.n_visual)
         if ctx.n_layers < 2:  # no layer has another after it
             return PrunePlan.dense()
         layers = self.layers(ctx.n_layers)
         self.stage_index = {l: i for i, l in enumerate(layers)}
         self.targets = schedule_counts(ctx.layout.n_visual, c.keep_ratio, len(layers))
         budget = Budget(keep_ratio=c.keep_ratio, per_view=c.per_view) if c.variant == "vla-pruner" else None
-        stages = tuple(Stage(l, budget, name=c.variant) for l in layers)
+        verb = "merge" if c.recycle else "drop"
+        stages = tuple(Stage(l, budget, name=c.variant, verb=verb) for l in layers)
         signals = (EMBEDDINGS, row_embeddings(c.rater_rows),
-                   *(attention(l, c.rater_rows, per_row=True) for l in layers))
+                   *(attention(l, c.rater_rows, per_row=True) for l in layers),
+                   *(visual_keys(l) for l in layers if c.recycle))  # what recycling clusters on
         return PrunePlan(stages, signals)
 
     def _raters(self, signals) -> torch.Tensor:
@@ -253,7 +406,31 @@ class SparseVLM(Strategy):
         if stage.budget is not None:  # vla-pruner: a fixed keep ratio
             return top_k_under_budget(scores, stage.budget, layout)
         budget = Budget(keep_count=self.counts[stage.after_layer], per_view=self.config.per_view)
-        return top_k_under_budget(scores, budget, layout)
+        if stage.verb != "merge":
+            return top_k_under_budget(scores, budget, layout)
+        return self._recycle(stage, scores, ctx, layout, budget)
+
+    def _recycle(self, stage, scores, ctx, layout, budget) -> torch.Tensor:
+        """The kept tokens of a recycling stage (by score, then one representative per cluster);
+        what ``assign`` folds is kept for it. Per view, each view recycles within its own quota."""
+        if budget.per_view:
+            pools = [(present_in_view(layout, v), q) for v, q in enumerate(budget.quotas(layout))]
+        else:
+            pools = [(layout.present_visual(), budget.total(layout))]
+        features = ctx.signals[visual_keys(stage.after_layer)]
+        splits = [recycle_split(among.numel(), total) for among, total in pools]
+        keeps, removed, into = zip(*(recycle(scores, among, split, features, self.sizes)
+                                     for (among, _), split in zip(pools, splits)))
+        removed, into = torch.cat(removed), torch.cat(into)
+        self.recycling[stage.after_layer] = splits
+        # weight 1 each: a cluster token is the plain mean of its members, as in the release
+        self.assignments[stage.after_layer] = Assignment(removed, into, torch.ones(removed.numel()))
+        return torch.sort(torch.cat(keeps)).values
+
+    def assign(self, stage, keep, ctx, layout):
+        assignment = self.assignments[stage.after_layer]
+        self.sizes.index_add_(0, assignment.into, self.sizes[assignment.removed])
+        return assignment
 
 
 @prunebench.hookimpl

@@ -1,4 +1,5 @@
-"""SparseVLM on hand-computed inputs (raters, scores, rank, counts) and end to end through the engine."""
+"""SparseVLM on hand-computed inputs (raters, scores, rank, counts, recycling) and end to end through the
+engine."""
 
 import math
 
@@ -13,10 +14,12 @@ from prunebench import (
     Observation,
     PrunePlan,
     QueryContext,
+    Stage,
     Strategy,
     TokenLayout,
     attention,
     row_embeddings,
+    visual_keys,
 )
 from prunebench.engine.loop import PruningEngine
 from prunebench.engine.signals import visual_embeddings
@@ -25,14 +28,20 @@ from prunebench.plugins.manager import MANAGER
 from prunebench.strategies.sparsevlm import (
     SparseVLM,
     SparseVLMConfig,
+    dpc_knn_clusters,
+    knn_density,
     rank_adapted_count,
     rater_rank,
     rater_scores,
     raters_from_relevance,
+    recycle,
+    recycle_counts,
+    recycle_split,
     schedule_counts,
     text_relevance,
 )
 from tests.conftest import make_observation
+from tests.helpers import FixedPlan
 
 LN3 = math.log(3.0)
 NAN = float("nan")
@@ -133,9 +142,10 @@ def hand_context(n_layers=4):
 ])
 def test_a_stage_keeps_the_rank_adapted_top_k_of_the_rater_mean(second_rater, kept):
     ctx, layout = hand_context()
-    s = MANAGER.create("sparsevlm", {"keep_ratio": 0.25, "layers": (0, 1)})  # k = 2; schedule 4, 2
+    s = MANAGER.create("sparsevlm", {"keep_ratio": 0.25, "layers": (0, 1), "recycle": False})  # k = 2; 4, 2
     plan = s.schedule(ctx)
     assert [st.after_layer for st in plan.stages] == [0, 1] and s.targets == [4, 2]
+    assert [st.verb for st in plan.stages] == ["drop", "drop"]
     first = [0.1, 0.2, 0.0, 0.0, 0.6, 0.3, 0.0, 0.0]
     rows = torch.tensor([first, second_rater, [1.0] * 8, [1.0] * 8])  # rows 2, 3 are no raters
     ctx.signals[attention(0, "prompt", per_row=True)] = rows
@@ -145,17 +155,137 @@ def test_a_stage_keeps_the_rank_adapted_top_k_of_the_rater_mean(second_rater, ke
     assert s.ranks[0] == (2 if len(kept) == 4 else 1)
     assert s.select(plan.stages[0], scores, ctx, layout).tolist() == kept
     # without the rank: the schedule's 4
-    s = MANAGER.create("sparsevlm", {"keep_ratio": 0.25, "layers": (0, 1), "rank_adaptive": False})
+    s = MANAGER.create("sparsevlm", {"keep_ratio": 0.25, "layers": (0, 1), "rank_adaptive": False,
+                                     "recycle": False})
     plan = s.schedule(ctx)
     scores = s.score(plan.stages[0], ctx.signals, ctx)
     assert s.select(plan.stages[0], scores, ctx, layout).numel() == 4 and s.ranks == {}
 
 
+# ----------------------------------------------------------------------------- recycling
+@pytest.mark.parametrize("deleted, recycled, clusters", [
+    (0, 0, 0),
+    (1, 1, 1),      # int(0.3) + 1 = 1, int(1/10) + 1 = 1
+    (9, 3, 1),      # int(2.7) + 1
+    (14, 5, 1),     # int(4.2) + 1
+    (29, 9, 1),     # int(8.7) + 1 = 9 < 10: still one cluster
+    (30, 10, 2),    # int(9.0) + 1 = 10: a second cluster
+    (173, 52, 6),   # int(51.9) + 1 = 52, int(5.2) + 1 = 6
+    (330, 100, 11),
+])
+def test_the_release_recycles_30_percent_plus_one_in_one_cluster_per_10_plus_one(deleted, recycled, clusters):
+    assert recycle_counts(deleted) == (recycled, clusters)
+
+
+@pytest.mark.parametrize("present, total, split", [
+    # 18 of 32: 14 deleted -> 1 cluster; keeping 17 by score deletes 15 -> int(4.5) + 1 = 5 recycled, 1 cluster
+    (32, 18, (17, 5, 1)),
+    # 21 of 50: 29 deleted would make 1 cluster, but keeping 20 deletes 30 -> 10 recycled, 2 clusters; keeping
+    # 19 deletes 31 -> int(9.3) + 1 = 10, still 2: 19 + 2 = 21
+    (50, 21, (19, 10, 2)),
+    (128, 73, (71, 18, 2)),  # 57 deleted: int(17.1) + 1 = 18
+    (512, 339, (333, 54, 6)),  # 179 deleted: int(53.7) + 1 = 54, int(5.4) + 1 = 6
+    (11, 2, (1, 4, 1)),  # 10 deleted: int(3.0) + 1 = 4
+    (40, 1, (1, 0, 0)),  # 39 deleted would need 2 clusters in a budget of 1: no recycling
+    (10, 10, (10, 0, 0)),  # nothing deleted
+    (10, 12, (10, 0, 0)),
+])
+def test_the_cluster_tokens_count_inside_the_stages_total(present, total, split):
+    assert recycle_split(present, total) == split
+    scored, _, clusters = split
+    assert scored + clusters == min(total, present)
+
+
+# three groups of three 2-D points around (0, 0), (10, 0) (half the spread: the densest) and (0, 10) (3/4)
+GROUPS = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0],
+                       [10.0, 0.0], [10.5, 0.0], [10.0, 1.0],
+                       [0.0, 10.0], [0.75, 10.0], [0.0, 11.5]])
+
+
+def test_knn_density_by_hand():
+    dist = torch.cdist(GROUPS, GROUPS) / math.sqrt(2)  # the release divides by sqrt(feature size)
+    log_density = knn_density(dist, 3).log()
+    # (0, 0): nearest 3 at 0, 1, 2 -> squared / 2: 0, 1/2, 2 -> mean 5/6; (1, 0): 0, 1, sqrt 5 -> 1;
+    # (0, 2): 0, 2, sqrt 5 -> 3/2; the second group at half the spread: a quarter of those
+    assert torch.allclose(log_density[:6], -torch.tensor([5 / 6, 1.0, 1.5, 5 / 24, 1 / 4, 3 / 8]), atol=1e-6)
+
+
+def test_density_peak_clusters_of_obvious_groups():
+    labels, centres = dpc_knn_clusters(GROUPS, 3)
+    # centres by density x separation: (10, 0) is the densest (separation: the largest distance,
+    # 15.6 / sqrt 2), then (0, 10) (13.5 / sqrt 2 to the densest group), then (0, 0) (10 / sqrt 2)
+    assert centres.tolist() == [3, 6, 0]
+    assert labels.tolist() == [2, 2, 2, 0, 0, 0, 1, 1, 1]
+    # two clusters: k = 2, so a density comes from the nearest neighbour alone and (10, 0), (10.5, 0)
+    # tie, as do (0, 10), (0.75, 10): the earlier row counts as the denser; the centres are (10, 0)
+    # and (0, 10) (10 / sqrt 2 from the densest group, (0, 0)'s score is lower: density e^-1/4 < e^-9/64)
+    labels, centres = dpc_knn_clusters(GROUPS, 2)
+    assert centres.tolist() == [3, 6]
+    # the third group splits by nearest centre: (1, 0) is 9 from (10, 0) and 10.05 from (0, 10); (0, 2)
+    # 10.2 and 8; (0, 0) 10 from both: the earlier centre takes it
+    assert labels.tolist() == [0, 0, 1, 0, 0, 0, 1, 1, 1]
+    # ties go to the earlier row (the better score): identical points, the first is the centre
+    labels, centres = dpc_knn_clusters(torch.ones(4, 3), 2)
+    assert centres.tolist() == [0, 1] and labels.tolist() == [0, 1, 0, 0]
+
+
+def hand_recycling():
+    """10 tokens; the pool after the 2 best: 3, 4, 5, 6, 7 (by score), two groups in feature space."""
+    scores = torch.tensor([0.9, 0.1, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.05])
+    features = torch.full((10, 2), 100.0)  # tokens outside the pool must not matter
+    features[3], features[5], features[7] = torch.tensor([0.0, 0.0]), torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    features[4], features[6] = torch.tensor([10.0, 10.0]), torch.tensor([10.0, 11.0])
+    return scores, features
+
+
+def test_recycling_keeps_one_representative_per_cluster_and_folds_the_rest_into_it():
+    scores, features = hand_recycling()
+    keep, removed, into = recycle(scores, torch.arange(10), (2, 5, 2), features, torch.ones(10))
+    # kept by score: 0, 2; the pool 3, 4, 5, 6, 7 clusters as {3, 5, 7} and {4, 6}; representatives:
+    # the best-scored member of each (3, 4); 8, 1, 9 (the worst) are dropped
+    assert keep.tolist() == [0, 2, 3, 4]
+    assert sorted(zip(removed.tolist(), into.tolist())) == [(5, 3), (6, 4), (7, 3)]
+    # a member already holding two tokens (an earlier cluster) gives way to one holding one, so the
+    # plain mean of the members is still exact
+    sizes = torch.ones(10)
+    sizes[3] = 2
+    keep, removed, into = recycle(scores, torch.arange(10), (2, 5, 2), features, sizes)
+    assert keep.tolist() == [0, 2, 4, 5]
+    assert sorted(zip(removed.tolist(), into.tolist())) == [(3, 5), (6, 4), (7, 5)]
+    # no clusters: the top of the scores, nothing folded
+    keep, removed, into = recycle(scores, torch.arange(10), (4, 0, 0), features, torch.ones(10))
+    assert keep.tolist() == [0, 2, 3, 4] and removed.numel() == into.numel() == 0
+
+
+def test_a_recycling_stage_keeps_the_cluster_tokens_inside_its_count():
+    ctx, layout = hand_context()
+    s = MANAGER.create("sparsevlm", {"keep_ratio": 0.25, "layers": (0, 1)})  # recycles by default
+    plan = s.schedule(ctx)
+    assert [st.verb for st in plan.stages] == ["merge", "merge"]
+    assert visual_keys(0) in plan.signals and visual_keys(1) in plan.signals
+    rows = torch.tensor([[0.1, 0.2, 0.0, 0.0, 0.6, 0.3, 0.0, 0.0], [0.0, 0.9, 0.0, 0.0, 0.0, 0.0, 0.8, 0.0],
+                         [1.0] * 8, [1.0] * 8])
+    ctx.signals[attention(0, "prompt", per_row=True)] = rows
+    ctx.signals[visual_keys(0)] = torch.arange(16.0).reshape(8, 2)
+    scores = s.score(plan.stages[0], ctx.signals, ctx)  # (0.05, 0.55, 0, 0, 0.3, 0.15, 0.4, 0)
+    # 4 of 8 (full rank): 3 by score (1, 6, 4), then the 2 best deleted (5, 0) recycled in 1 cluster whose
+    # representative is 5; the other deleted (2, 3, 7) are dropped
+    keep = s.select(plan.stages[0], scores, ctx, layout)
+    assert keep.tolist() == [1, 4, 5, 6] and s.recycling[0] == [(3, 2, 1)]
+    assignment = s.assign(plan.stages[0], keep, ctx, layout)
+    assert assignment.removed.tolist() == [0] and assignment.into.tolist() == [5]
+    assert assignment.weight.tolist() == [1.0]
+    assert s.sizes.tolist() == [1, 1, 1, 1, 1, 2, 1, 1]  # 5 now holds 0
+
+
 # ----------------------------------------------------------------------------- configuration
 def test_defaults_layers_and_registration():
     c = SparseVLMConfig()
-    assert (c.variant, c.keep_ratio, c.layers, c.per_view, c.rater_rows) == (
-        "original", 110 / 576, None, False, "prompt")
+    assert (c.variant, c.keep_ratio, c.layers, c.per_view, c.rater_rows, c.recycle) == (
+        "original", 110 / 576, None, False, "prompt", True)  # v1 always recycles
+    assert SparseVLMConfig(variant="vla-pruner").recycle is False  # VLA-Pruner's never does
+    with pytest.raises(ValidationError, match="never recycles"):
+        SparseVLMConfig(variant="vla-pruner", recycle=True)
     s = MANAGER.create("sparsevlm")
     assert s.layers(32) == (2, 6, 15, 19) and s.layers(8) == (1, 2, 4, 5) and s.layers(4) == (0, 1, 2)
     assert MANAGER.create("sparsevlm", {"layers": (1, 9, 2)}).layers(4) == (1, 2)  # sorted, inside
@@ -215,9 +345,11 @@ def independent_first_stage(engine, obs, count, inclusive=False):
     return raters, torch.sort(torch.topk(score, count).indices).values
 
 
-def test_progressive_stages_on_the_tiny_model(engine, obs):
-    s = MANAGER.create("sparsevlm")
+@pytest.mark.parametrize("recycle", [True, False])
+def test_progressive_stages_on_the_tiny_model(engine, obs, recycle):
+    s = MANAGER.create("sparsevlm", {"recycle": recycle})
     out = engine.query(s, obs)
+    assert [st.verb for st in out.record.stages] == ["merge" if recycle else "drop"] * 3
     n_raters = s.raters.numel()
     assert 0 < n_raters <= 10  # no more raters than visual tokens left at any stage
     assert s.ranks == {0: n_raters, 1: n_raters, 2: n_raters}  # random attention rows: full rank
@@ -231,7 +363,34 @@ def test_progressive_stages_on_the_tiny_model(engine, obs):
     assert set(kept[2]) <= set(kept[1]) <= set(kept[0])
     raters, first = independent_first_stage(engine, obs, 18)
     assert s.raters.tolist() == raters.tolist()
+    # recycling: 17 by score, the next 5 in one cluster represented by the best of them (the 18th)
     assert kept[0] == first.tolist()
+
+
+def test_recycling_on_the_tiny_model_counts_inside_the_budget_and_changes_the_hidden_states(engine, obs):
+    recycled = MANAGER.create("sparsevlm")
+    on = engine.query(recycled, obs)
+    off = engine.query(MANAGER.create("sparsevlm", {"recycle": False}), obs)
+    # (kept by score, recycled, clusters): 18 of 32 -> 17 + 1 (15 deleted: 5 recycled); 10 of 18 -> 9 + 1
+    # (9 deleted: 3); 6 of 10 -> 5 + 1 (5 deleted: 2)
+    assert recycled.recycling == {0: [(17, 5, 1)], 1: [(9, 3, 1)], 2: [(5, 2, 1)]}
+    assert on.record.tokens_per_layer == off.record.tokens_per_layer
+    assert on.record.llm_flops == off.record.llm_flops
+    assert on.kept["after_layer_0"].tolist() == off.kept["after_layer_0"].tolist()  # the same tokens ...
+    assert not torch.allclose(torch.as_tensor(on.actions), torch.as_tensor(off.actions))  # ... merged
+
+
+def test_recycle_off_is_a_plain_drop_run(engine, obs):
+    s = MANAGER.create("sparsevlm", {"recycle": False})
+    out = engine.query(s, obs)
+    assert visual_keys(0) not in s.schedule(engine.context(obs)).signals  # no keys for nothing to cluster
+    kept = dict(out.kept)
+    drops = FixedPlan([Stage(layer) for layer in (0, 1, 2)], keep_fn=lambda stage, layout: kept[stage.where],
+                      position_ids="recompact")
+    reference = engine.query(drops, obs)
+    assert [st.verb for st in reference.record.stages] == ["drop"] * 3
+    assert {w: k.tolist() for w, k in reference.kept.items()} == {w: k.tolist() for w, k in kept.items()}
+    assert torch.equal(torch.as_tensor(out.actions), torch.as_tensor(reference.actions))
 
 
 def test_the_keep_ratio_sets_the_final_count_on_the_tiny_model(engine, obs):
@@ -255,12 +414,22 @@ def test_on_the_shipped_policy():
     model, _ = load_model()
     engine = PruningEngine(model, record_kept=True)
     obs = make_observation(5, size=128)
-    out = engine.query(MANAGER.create("sparsevlm"), obs)
-    # 2 x 64 visual tokens, k = round(128 x 110/576) = 24; after layers 0, 1, 2: 73, 42, 24
+    s = MANAGER.create("sparsevlm")
+    out = engine.query(s, obs)
+    # 2 x 64 visual tokens, k = round(128 x 110/576) = 24; after layers 0, 1, 2: 73, 42, 24, the
+    # recycled cluster tokens included: 71 + 2 (57 deleted, 18 recycled), 40 + 2 (33, 10), 23 + 1 (19, 6)
     assert out.record.visual_per_layer == [128, 73, 42, 24]
+    assert [st.verb for st in out.record.stages] == ["merge"] * 3
+    assert s.recycling == {0: [(71, 18, 2)], 1: [(40, 10, 2)], 2: [(23, 6, 1)]}
+    off = engine.query(MANAGER.create("sparsevlm", {"recycle": False}), obs)
+    assert off.record.visual_per_layer == [128, 73, 42, 24]
+    assert [st.verb for st in off.record.stages] == ["drop"] * 3
+    assert not np.allclose(out.actions, off.actions)
     per_view = MANAGER.create("sparsevlm", {"per_view": True})
     out = engine.query(per_view, obs)
     assert out.record.visual_per_layer == [128, 73, 42, 24]
     # each stage's count split by view size: 73 -> 37 + 36 (largest remainder), 42 -> 21 + 21, 24 -> 12 + 12
     assert [int((out.kept[w] < 64).sum()) for w in ("after_layer_0", "after_layer_1", "after_layer_2")] == [
         37, 21, 12]
+    # each view recycles inside its own quota: 37 of 64 -> 36 + 1 (28 deleted, 9 recycled), 36 -> 35 + 1
+    assert per_view.recycling[0] == [(36, 9, 1), (35, 9, 1)]
