@@ -55,6 +55,12 @@ def paper_variants(name: str, n_layers: int) -> list[tuple[str, float | str, dic
         return [(f"after_layer_{scale_layer(3, n_layers)}", k, {"keep_ratio": k}) for k in KEEP_RATIOS]
     if name == "adp":
         return [("before_llm", k, {"keep_ratio": k, "gate": False}) for k in KEEP_RATIOS]
+    if name == "lightvla-free":  # no budget: the union of the patch queries' picks
+        return [("before_llm", "paper", {})]
+    if name in ("sparsevlm", "tome"):  # several stages at their own layers, keep_ratio at the last
+        return [("stages", k, {"keep_ratio": k}) for k in KEEP_RATIOS]
+    if name == "vla-cache":  # reuse, not removal: its budget comes from frame similarity
+        return [("reuse", "paper", {})]
     return None
 
 

@@ -1,131 +1,23 @@
 """``sparsevlm``: SparseVLM (Zhang et al., ICML 2025, arXiv 2410.04417, https://arxiv.org/abs/2410.04417).
 
-Text-guided, training-free visual token sparsification inside the LLM:
+Text-guided, training-free visual token sparsification inside the LLM, after the v1 release
+(``Gumpest/SparseVLMs@b72c5d6``, method files as in ``91fb6d9``):
 
-1. **Raters.** Once per query, on the LLM *input* embeddings, every visual token spreads a softmax
-   over the text tokens (raw dot products X_v X_t^T, no 1/sqrt(d)); a text token's relevance is the
-   mean of that softmax over the visual tokens, and the text tokens whose relevance is above the
-   mean are the *raters*. Raters are fixed for the query.
-2. **Scores.** At a pruning layer, a visual token's score is the raters' attention to it at that
-   layer (head-averaged softmax rows of the rater tokens), averaged over the raters.
-3. **Progressive, rank-adaptive pruning.** Visual tokens are removed after several layers
-   (2, 6, 15, 19 of 32). How many a layer keeps follows the rank of the rater -> vision attention
-   matrix P (raters x present visual tokens) at that layer: the release keeps
-   ``scale x rank(P) + bias`` tokens, so a P of lower rank (raters that look at the image in fewer
-   independent ways) keeps fewer.
-4. **Recycling.** Of the tokens a layer deletes, the 30 % (+1) the raters score highest are
-   clustered (density-peak clustering with kNN density, one cluster per 10 of them, +1) and each
-   cluster's mean enters the sequence as a visual token; the other deleted tokens are dropped.
+1. **Raters**, once per query on the LLM input embeddings: each visual token spreads a softmax over
+   the prompt tokens (raw dot products); prompt tokens whose mean share is above the mean rate.
+2. **Scores** at a pruning layer: the raters' attention to each visual token, averaged.
+3. **Progressive, rank-adaptive pruning** after layers 2, 6, 15, 19 of 32 (scaled): ``keep_ratio``
+   is the share left after the last stage; earlier stages follow a geometric schedule to it, each
+   scaled by rank(rater attention) / its full rank, never below the final count.
+4. **Recycling** (``recycle``, on as in v1): of each stage's deleted tokens the top 30 % + 1 form
+   one density-peak cluster per 10 (+1) on the layer's visual keys; one member per cluster is kept
+   and the others merged into it (the ``merge`` verb), so it holds the cluster mean; the rest are
+   dropped. Cluster tokens count inside each stage's count.
 
-What we read in the release (https://github.com/Gumpest/SparseVLMs):
-
-* v1, the rank-based release (``Gumpest/SparseVLMs@b72c5d6``, 2024-10-22; its method files are
-  unchanged since ``91fb6d9``, "init sparsevlm"):
-  ``llava/model/language_model/modelling_sparse_llama.py`` (``LlamaDynamicvitModel``:
-  ``pruning_loc=[2, 6, 15, 19]``; rater selection on ``inputs_embeds``, candidates = every token
-  after the image, ``softmax(2).mean(1)``, strict ``>`` mean; pruning *after* the layer has run, from
-  that layer's attention; ``position_ids`` cut to the new length, i.e. renumbered; recycling under
-  "Recycle: Section 3.3", on wherever a stage removes tokens (no switch): of the deleted tokens, the
-  top ``int(0.3 x deleted) + 1`` by rater mean, ``cluster_num = int(recycled / 10) + 1``, the
-  cluster tokens inserted right after the kept visual tokens, so with the next position ids, and
-  among the visual tokens the next stage scores),
-  ``llava/model/language_model/score.py`` (``attn_postprocess_rank``: head mean, rater rows,
-  ``torch.linalg.matrix_rank`` of that matrix in float32, mean over the raters, keep the top
-  ``min(int(rank x scale + bias), n_visual - 1)``, nothing removed when the rank equals the visual
-  count), ``llava/model/language_model/utils.py`` (``cluster_and_merge``: DPC-kNN on the layer's
-  output hidden states: Euclidean distance / sqrt(hidden size); density exp(-mean squared distance
-  to the ``cluster_num`` nearest, itself included) plus uniform noise of 1e-6; separation = the
-  distance to the nearest denser token (the largest distance of all for the densest); the
-  ``cluster_num`` largest density x separation are the centres; every token joins its nearest
-  centre; each cluster becomes its members' plain mean), and the target ->
-  setting map in ``scripts/v1_5/eval/{mme,pope,textvqa}.sh`` and its README: 192 tokens
-  ``scale=13.5, bias=0``; 128 tokens ``scale=9, bias=6``; 64 tokens ``scale=0.8, bias=0``
-  (``llava/eval/model_vqa_loader.py`` defaults 13.5 / 0). A "target" there is the visual-token
-  count *averaged over the 32 layers*: rank <= number of raters (a few tens), so the first stage
-  makes the cut and a later one removes more only where the rank drops.
-* v1.5 (branch ``v1.5``, ``b9619e6``) and the SparseVLM+ ``main`` (``26a5f48``) replace the rank by
-  fixed per-layer counts at layers {2, 6, 15}: ``score.py`` maps 192 -> (300, 200, 110),
-  128 -> (303, 110, 36), 96 -> (238, 48, 26), 64 -> (66, 30, 17) of 576; raters and recycling as
-  in v1.
-
-Our ``original`` variant (the default), per query:
-
-* layers ``layers`` (default the v1 release's 2, 6, 15, 19 of 32, mapped with
-  ``prunebench.scale_layer``, duplicates merged, at most n_layers - 2: on the 4-layer built-in
-  model after layers 0, 1, 2);
-* rater candidates ``rater_rows="prompt"``: OpenVLA-OFT's whole prompt follows the images, as the
-  question (with its template) follows the image in LLaVA (``"text"``: without the template);
-* ``keep_ratio`` is the share of the visual tokens left after the *last* stage,
-  k = max(1, round(keep_ratio x n_visual)). It maps to per-stage counts as the v1.5 tables do
-  (a count per pruning layer, decreasing to the final one): a geometric schedule
-  c_i = round(n_visual x (k / n_visual)^((i+1)/S)) for the stages i = 0 .. S-2, the last keeps k
-  (over three stages, 576 -> 332, 191, 110 for the release's 192-token row, whose table says
-  300, 200, 110). Default ``keep_ratio = 110/576``: that row's final count (the paper's headline
-  192-token setting); on OpenVLA-OFT (2 x 256) the four stages keep 339, 224, 148, 98, on the
-  built-in model (2 x 64, three stages) 73, 42, 24;
-* the rank adapts each stage but the last, as in v1 (kept count proportional to rank(P), no
-  bias): stage i keeps round(c_i x rank(P_i) / r_full), r_full = min(raters, present visual
-  tokens), clamped to [k, present]; a full-rank P keeps c_i, a rank-deficient one fewer, so
-  tokens leave earlier; the last stage ends at k either way. ``rank_adaptive=false`` is the fixed
-  schedule (v1.5-style);
-* one global top-k over both cameras (``per_view=false``): the method ranks one image's tokens in
-  one pool and P is one matrix over every visual token, so the text decides which camera keeps
-  more (``per_view=true``: each stage's count split by view size);
-* position ids renumbered after each stage (``recompact``), as the release cuts ``position_ids``;
-* recycling (``recycle=true``, the default: v1 has no switch) makes every stage a ``merge``: a
-  stage that leaves ``total`` tokens keeps ``total - clusters`` by score and one *representative*
-  per cluster of the best deleted tokens (30 % + 1 of the deleted, one cluster per 10 + 1, as the
-  release; ``recycle_split`` solves the count, since the deleted set grows with the clusters), and
-  folds every other member into its cluster's representative at weight 1, so the representative's
-  hidden state becomes the members' plain mean, the release's cluster token. The representative is
-  the member holding the fewest original tokens, then the best-scored: at the first stage every
-  member holds one and the mean is exact whoever represents it; the best-scored is the raters'
-  favourite of the cluster (a stage with one cluster keeps the top of its scores, as a drop would); later
-  a member can be an earlier cluster, which the engine would weigh by its size were it the
-  representative. The clusters come from ``dpc_knn_clusters`` on the layer's visual keys
-  (see below); the other deleted tokens are dropped. With ``per_view`` each view recycles inside its
-  own quota. ``recycle=false`` is the drop-only method (the same kept tokens and actions as before
-  recycling existed).
-
-The ``vla-pruner`` variant is VLA-Pruner's simplified SparseVLM baseline for OpenVLA
-(``MINT-SJTU/VLA-Pruner@fa5bfed``, ``src/openvla/transformers/src/transformers/models/llama/
-modeling_llama.py``, ``LlamaModel.forward`` with ``SparseVLM``; ``run_sparsevlm/*.sh``): raters
-r >= mean(r) on the input embeddings, one stage that keeps round(keep_ratio x n_visual) by the
-raters' mean attention at layer K - 1 = 2 of 32 (its ``fastv_k=3``: the tokens are removed before
-layer 3 using layer 2's attention), original position ids, no rank, no recycling (``recycle``
-defaults to false there; true is refused). Its scripts run keep 0.5 / 0.25 / 0.125 (``fastv_r``
-0.5 / 0.75 / 0.875).
-
-Differences from the releases (see docs/strategies.md):
-
-* **Recycling: counts.** The cluster tokens count *inside* each stage's total, so ``keep_ratio`` is
-  still the exact share left after the last stage and ``recycle`` on and off compare at equal
-  token counts and FLOPs; the release adds them on top of its rank count (v1) or table count
-  (v1.5), though the token "target" v1 reports (the average over the layers) includes them. A
-  stage whose clusters would leave no token kept by score (a total of one or two) does not recycle.
-* **Recycling: what is clustered.** The release clusters the layer's output hidden states; the
-  engine gives strategies no hidden states, so ours clusters the layer's visual keys
-  (``visual_keys``: head mean, rotary undone) with the same distance, density and centre rule. The
-  merged value is the mean of the members' hidden states after the layer, as in the release.
-* **Recycling: where the token sits.** The release inserts the cluster tokens after the last kept
-  visual token; ours is its representative, at that token's place among the kept visual tokens
-  (positions are renumbered, so the text after the image gets the same positions either way).
-* **Recycling: ties.** The release breaks density ties with random noise of 1e-6; ours gives an
-  equal density, product or distance to the earlier token in score order, so it is deterministic
-  (checked against the release's function on random groups: the same clusters wherever its noise
-  does not decide).
-* **Count rule.** The release's scale and bias are absolute and hand-set per target for LLaVA's 576
-  tokens and its prompts; here the scale is set per stage so that a full-rank P keeps the
-  schedule's count (above), so ``keep_ratio`` is the final share exactly and the rank only ever
-  removes more. A stage never removes one token just because its count reaches the present count
-  (the release's ``min(..., n_visual - 1)`` does).
-* **Attention** is computed only for the prompt rows at the pruning layers, in float32, on the
-  engine's bidirectional attention (LLaVA's is causal; the text rows follow the image either way);
-  the rank uses torch's default tolerance in float32 as the release does, on float32 attention
-  (the release: fp16 attention cast to float32).
-* **Raters** come from the prompt group (VLA-Pruner's OpenVLA rows skip the prompt's first token
-  and the last token of the sequence); if no candidate is strictly above the mean (all equal),
-  every candidate is a rater (the release would have none).
+``variant="vla-pruner"`` is VLA-Pruner's single-stage simplification (``MINT-SJTU/VLA-Pruner@fa5bfed``):
+raters at or above the mean, one top-k with layer 2's attention, original positions, no recycling.
+What we read in the releases, the defaults and every difference from them: docs/strategies.md,
+"SparseVLM".
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ token's keys and values from the previous query's cache)."""
 import pytest
 import torch
 
-from prunebench import BEFORE_LLM, Assignment, PrunePlan, Stage, StrategyError
+from prunebench import BEFORE_LLM, Assignment, PrunePlan, Stage, StrategyError, attention
 from prunebench.contract.layout import TokenLayout
 from prunebench.engine.accounting import llm_flops
 from prunebench.engine.kv_cache import KVCache
@@ -87,6 +87,24 @@ def test_merging_changes_the_kept_tokens_and_proportional_attention_weighs_them(
     keep_all = engine.query(Merges(1, proportional=True), obs)
     assert torch.allclose(torch.as_tensor(keep_all.actions), torch.as_tensor(dense(engine, obs).actions),
                           atol=1e-6)
+
+
+def test_proportional_attention_before_transformers_4_48_goes_through_the_zero_mask(tiny_model, obs,
+                                                                                    monkeypatch):
+    import prunebench.engine.loop as engine_module
+    import prunebench.engine.transformers_compat as compat
+
+    every_other = lambda stage, layout: layout.present_visual()[::2]
+    strategy = Merges(1, every_other, proportional=True)
+    strategy.plan = PrunePlan(strategy.plan.stages, (attention(2, "text"),), proportional_attention=True)
+    seen = []
+    strategy.on_forward_end = lambda signals, record: seen.append(signals[attention(2, "text")])
+    registry = PruningEngine(tiny_model).query(strategy, obs)
+    monkeypatch.setattr(compat, "NEEDS_ZERO_MASK", True)
+    monkeypatch.setattr(engine_module, "HAS_ATTENTION_REGISTRY", False)
+    old = PruningEngine(tiny_model).query(strategy, obs)
+    assert torch.allclose(torch.as_tensor(old.actions), torch.as_tensor(registry.actions), atol=1e-5)
+    assert torch.allclose(seen[0], seen[1], atol=1e-6, equal_nan=True)  # recomputed signals see the bias
 
 
 @pytest.mark.parametrize("assignment, message", [

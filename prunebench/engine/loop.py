@@ -227,7 +227,8 @@ class PruningEngine:
                 elif wanted:  # transformers < 4.48: recompute q and k from the layer's weights
                     with timer("overhead", moved_from="llm"):
                         add_attention(wanted, lambda rows, form: sig.attention_recomputed(
-                            layer, h, cos, sin, layout, rows, form), lambda: sig.keys_recomputed(layer, h, layout))
+                            layer, h, cos, sin, layout, rows, form, size_bias(h)),
+                            lambda: sig.keys_recomputed(layer, h, layout))
                 tokens.append(h.shape[1])
                 visual.append(h.shape[1] - n_other)
                 keys.append(h.shape[1] + reused.numel())

@@ -114,7 +114,8 @@ def keys_recomputed(layer, h: torch.Tensor, layout: TokenLayout) -> torch.Tensor
 
 
 def attention_recomputed(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                         layout: TokenLayout, rows: list[str], form: str = "mean"):
+                         layout: TokenLayout, rows: list[str], form: str = "mean",
+                         bias: torch.Tensor | None = None):
     """The same as ``attention_from_layer``, recomputed from ``layer``'s weights on its input ``h``
     (transformers < 4.48, where a layer's q and k cannot be observed). Keys once for all groups."""
     attn = layer.self_attn
@@ -124,7 +125,7 @@ def attention_recomputed(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.T
     for group in rows:
         slots = _on(h.device, layout.row_slots(group))
         queries.append(_rotate(_queries(attn, x[:, slots]), cos[:, slots], sin[:, slots]))
-    return _row_attention(queries, k, attention_scaling(attn), layout, form)
+    return _row_attention(queries, k, attention_scaling(attn), layout, form, bias)
 
 
 def attention_to_visual(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -101,12 +101,14 @@ def run_layer(llm, layer, h: torch.Tensor, position_ids: torch.Tensor,
     computes; the layer's output is unchanged, bit for bit. ``keys(module, key, value) -> (key,
     value)``: the keys and values the layer attends to instead of its own (the queries stay the
     layer's tokens); ``bias``: an additive (1, 1, 1, n_keys) attention mask. All three need
-    ``HAS_ATTENTION_REGISTRY``; with none of them the layer runs exactly as the library runs it."""
+    ``HAS_ATTENTION_REGISTRY`` except ``bias``, which older releases add to their zero mask; with
+    none of them the layer runs exactly as the library runs it."""
     hooked = observe is not None or keys is not None or bias is not None
     if NEEDS_ZERO_MASK:
-        if hooked:
-            raise RuntimeError("observing or changing a layer's attention needs transformers >= 4.48")
-        kwargs = {"attention_mask": zero_mask(h), "position_ids": position_ids}
+        if observe is not None or keys is not None:
+            raise RuntimeError("observing a layer's attention or changing its keys needs transformers >= 4.48")
+        mask = zero_mask(h) if bias is None else zero_mask(h) + bias
+        kwargs = {"attention_mask": mask, "position_ids": position_ids}
         if getattr(llm, "rotary_emb", None) is not None:
             kwargs["position_embeddings"] = (cos, sin)
         out = layer(h, **kwargs)

@@ -71,10 +71,9 @@ def check_plan(name: str, strategy: Strategy, plan, n_layers: int) -> None:
         if stage.verb == "reuse" and strategy.position_ids != "original":
             raise StrategyError(name, f"stage {stage.where} reuses keys and values, which hold their "
                                       "original positions: position_ids must be 'original'")
-    changes_attention = plan.proportional_attention or strategy.reuses_kv
-    if changes_attention and not HAS_ATTENTION_REGISTRY:
-        raise StrategyError(name, "reused keys and proportional attention need transformers >= "
-                                  "4.48 (an attention-function registry)")
+    if strategy.reuses_kv and not HAS_ATTENTION_REGISTRY:
+        raise StrategyError(name, "reused keys and values need transformers >= 4.48 (an "
+                                  "attention-function registry)")
     for request in plan.signals:
         if not isinstance(request, SignalRequest) or request.kind not in SIGNAL_KINDS:
             raise StrategyError(name, f"unknown signal {request!r}; kinds: {', '.join(SIGNAL_KINDS)}")

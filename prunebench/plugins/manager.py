@@ -45,6 +45,7 @@ DEFAULT_PLUGINS = (
     "prunebench.strategies.lightvla_free",
     "prunebench.strategies.sparsevlm",
     "prunebench.strategies.vla_cache",
+    "prunebench.strategies.tome",
     "prunebench.models.builtin",  # the built-in model families (MiniOFT, OpenVLA-OFT)
 )
 PLUGIN_FILES = "PRUNEBENCH_PLUGIN_FILES"
