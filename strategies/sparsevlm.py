@@ -201,9 +201,9 @@ def recycle(scores: torch.Tensor, among: torch.Tensor, split: tuple[int, int, in
     are kept; the next ``recycled`` by score (the best of the deleted) are clustered on their
     ``features`` rows; each cluster's *representative* is kept and its other members fold into it
     (``removed[i]`` -> ``into[i]``); the rest of ``among`` is dropped. The representative is the
-    member holding the fewest original tokens (``sizes``), then the best-scored: with every member
-    folded at weight 1, the merged hidden state is then the plain cluster mean, as the release's
-    cluster token (always so at the first stage, where every size is 1)."""
+    member holding the fewest original tokens (``sizes``), then the best-scored; every member is
+    folded at the representative's own weight (its size), so the merged hidden state is the plain
+    mean of the members, as the release's cluster token, whatever they already hold."""
     scored, n_recycled, n_clusters = split
     ranked = top_k(scores, among.numel(), among, ordered=True)  # best first, ties by lower index
     kept = ranked[:scored]
@@ -315,8 +315,9 @@ class SparseVLM(Strategy):
                                      for (among, _), split in zip(pools, splits)))
         removed, into = torch.cat(removed), torch.cat(into)
         self.recycling[stage.after_layer] = splits
-        # weight 1 each: a cluster token is the plain mean of its members, as in the release
-        self.assignments[stage.after_layer] = Assignment(removed, into, torch.ones(removed.numel()))
+        # each member weighs what its representative weighs (the engine weighs a kept token by its
+        # size): a cluster token is the plain mean of its members, as in the release
+        self.assignments[stage.after_layer] = Assignment(removed, into, self.sizes[into].clone())
         return torch.sort(torch.cat(keeps)).values
 
     def assign(self, stage, keep, ctx, layout):

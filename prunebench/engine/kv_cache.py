@@ -35,10 +35,11 @@ class KVCache:
         values.index_copy_(2, index, value)
         computed[positions] = True
 
-    def missing(self, layer: int, positions: torch.Tensor) -> torch.Tensor:
-        """The ``positions`` (host) that no query of the episode computed at ``layer``."""
+    def missing(self, layer: int, positions: torch.Tensor, length: int) -> torch.Tensor:
+        """The ``positions`` (host) that no query of the episode computed at ``layer`` in a sequence
+        of original ``length`` (a cache of another length holds nothing for it)."""
         entry = self._layers.get(layer)
-        if entry is None:
+        if entry is None or entry[2].numel() != length:
             return positions
         return positions[~entry[2][positions]]
 

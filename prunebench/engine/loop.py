@@ -109,6 +109,7 @@ class PruningEngine:
             for requests, value, columns in pending:
                 value = sig.to_host(value, columns, layout.n_visual)
                 if isinstance(requests, SignalRequest):
+                    # visual keys travel with the visual index last (to_host fills that dimension)
                     signals[requests] = value.T if requests.form == "keys" else value
                 else:  # one row per request, moved together
                     for request, row in zip(requests, value.unbind(0)):
@@ -121,11 +122,11 @@ class PruningEngine:
         recompact = strategy.position_ids == "recompact"
         stage_records: list[StageRecord] = []
         kept: dict[str, torch.Tensor] = {}
-        tokens, visual, keys = [], [], []
+        tokens, visual, keys_per_layer = [], [], []
         n_other = layout.length - layout.n_visual  # non-visual tokens are never removed
         cache = self.kv_cache(strategy, query_index)
         reused = torch.empty(0, dtype=torch.long)  # visual indices whose keys/values come from the cache
-        sizes = None  # original tokens each visual token holds, from the first merge on
+        sizes = None  # original tokens each visual token holds, from the first merge that folds any
 
         def apply(stage: Stage, h: torch.Tensor):
             nonlocal cos, sin, reused, sizes
@@ -136,8 +137,10 @@ class PruningEngine:
                 with strategy_code(name, f"stage {stage.where}: assign()"):
                     assignment = strategy.assign(stage, keep, ctx, ctx.current_layout)
                 removed, into, weight = check_assignment(name, stage, assignment, keep, layout)
-                sizes = torch.ones(layout.n_visual) if sizes is None else sizes
-                merged = merge_visual(h, layout, keep, removed, into, weight, sizes)
+                held = torch.ones(layout.n_visual) if sizes is None else sizes
+                merged = merge_visual(h, layout, keep, removed, into, weight, held)
+                if removed.numel():  # until a token holds more than itself, no size bias at all
+                    sizes = held
                 h = h.index_select(1, on_device)
                 first = layout.visual_span()[0]
                 h[:, first:first + keep.numel()] = merged
@@ -157,9 +160,10 @@ class PruningEngine:
             kept[stage.where] = keep
             return h
 
-        def add_attention(requests: list[SignalRequest], compute, keys) -> None:
+        def add_attention(requests: list[SignalRequest], compute, visual_keys) -> None:
             """``compute(rows, form)`` for the row-averaged requests together (one row each), then
-            for each other request, ``keys()`` for a keys request; the values wait in ``pending``."""
+            for each other request, ``visual_keys()`` for a keys request; the values wait in
+            ``pending``."""
             present = layout.present_visual()
             attended = torch.cat([present, reused]) if reused.numel() else present  # cached keys last
             averaged = [r for r in requests if r.form == "mean"]
@@ -167,7 +171,7 @@ class PruningEngine:
                 pending.append((averaged, compute([r.rows for r in averaged], "mean"), attended))
             for request in requests:
                 if request.form == "keys":  # visual along the last dimension until on the host
-                    pending.append((request, keys().T, present))
+                    pending.append((request, visual_keys().T, present))
                 elif request.form != "mean":
                     columns = attended if request.form == "per_row" else None
                     pending.append((request, compute([request.rows], request.form)[0], columns))
@@ -183,22 +187,22 @@ class PruningEngine:
 
         def cached_keys(index: int):
             """Stores what layer ``index`` computes in the cache, and appends the reused tokens'
-            cached keys and values to those it attends to."""
+            cached keys and values to those it attends to. Device work inside the layer, charged to
+            the LLM like the rest of the layer (no timer: it would wait for the GPU twice a layer)."""
             positions = layout.positions
-            wanted = reused + layout.visual_start
+            reused_positions = reused + layout.visual_start
             if reused.numel():
-                missing = cache.missing(index, wanted)
+                missing = cache.missing(index, reused_positions, layout.length)
                 if missing.numel():
                     raise StrategyError(name, f"layer {index} reuses visual tokens "
                                               f"{(missing - layout.visual_start).tolist()[:5]} that no "
                                               "earlier query of this episode computed there")
 
             def keys_and_values(module, key, value):
-                with timer("overhead", moved_from="llm"):
-                    cache.store(index, positions, key, value, layout.length)
-                    if reused.numel():
-                        old_key, old_value = cache.fetch(index, wanted)
-                        key, value = torch.cat([key, old_key], dim=2), torch.cat([value, old_value], dim=2)
+                cache.store(index, positions, key, value, layout.length)
+                if reused.numel():
+                    old_key, old_value = cache.fetch(index, reused_positions)
+                    key, value = torch.cat([key, old_key], dim=2), torch.cat([value, old_value], dim=2)
                 return key, value
             return keys_and_values
 
@@ -222,18 +226,19 @@ class PruningEngine:
             for index, layer in enumerate(self.llm.layers):
                 wanted = attention_at.get(index)
                 observe = None
+                bias = size_bias(h)
                 if wanted and HAS_ATTENTION_REGISTRY:
                     observe = observer(wanted)
                 elif wanted:  # transformers < 4.48: recompute q and k from the layer's weights
                     with timer("overhead", moved_from="llm"):
                         add_attention(wanted, lambda rows, form: sig.attention_recomputed(
-                            layer, h, cos, sin, layout, rows, form, size_bias(h)),
+                            layer, h, cos, sin, layout, rows, form, bias),
                             lambda: sig.keys_recomputed(layer, h, layout))
                 tokens.append(h.shape[1])
                 visual.append(h.shape[1] - n_other)
-                keys.append(h.shape[1] + reused.numel())
+                keys_per_layer.append(h.shape[1] + reused.numel())
                 h = run_layer(self.llm, layer, h, pos_ids, cos, sin, observe,
-                              keys=cached_keys(index) if cache is not None else None, bias=size_bias(h))
+                              keys=cached_keys(index) if cache is not None else None, bias=bias)
                 if index in stages:
                     with timer("overhead", moved_from="llm"):
                         h = apply(stages[index], h)
@@ -248,8 +253,8 @@ class PruningEngine:
         record = QueryRecord(
             query_index=query_index, step_index=step_index, dense=plan.is_dense,
             tokens_per_layer=tokens, visual_per_layer=visual,
-            keys_per_layer=keys if keys != tokens else None,
-            llm_flops=llm_flops(tokens, cfg.hidden_size, cfg.intermediate_size, keys),
+            keys_per_layer=keys_per_layer if keys_per_layer != tokens else None,
+            llm_flops=llm_flops(tokens, cfg.hidden_size, cfg.intermediate_size, keys_per_layer),
             dense_llm_flops=llm_flops(dense_tokens, cfg.hidden_size, cfg.intermediate_size),
             stages=stage_records)
         check_tokens(plan, record, layout)

@@ -48,13 +48,15 @@ def merge_visual(h: torch.Tensor, layout: TokenLayout, keep: torch.Tensor, remov
                  into: torch.Tensor, weight: torch.Tensor | None, sizes: torch.Tensor) -> torch.Tensor:
     """The kept visual tokens' hidden states after the merge, (1, len(keep), D), in ``keep``'s
     (sorted) order, computed in float32; ``sizes`` (n_visual,) is updated in place."""
-    device = h.device
-    kept_h = h.index_select(1, layout.visual_to_slots(keep).to(device)).float()
-    removed_h = h.index_select(1, layout.visual_to_slots(removed).to(device)).float()
+    def on_device(x: torch.Tensor) -> torch.Tensor:  # small host tensors, without waiting for a GPU
+        return x.to(h.device, non_blocking=True)
+
+    kept_h = h.index_select(1, on_device(layout.visual_to_slots(keep))).float()
+    removed_h = h.index_select(1, on_device(layout.visual_to_slots(removed))).float()
     w = sizes[removed] if weight is None else weight
     target = torch.searchsorted(keep, into)  # position of each target in the kept order
     total = sizes[keep].clone().index_add_(0, target, w)
-    acc = (kept_h * sizes[keep].to(device)[None, :, None]).index_add_(
-        1, target.to(device), removed_h * w.to(device)[None, :, None])
+    acc = (kept_h * on_device(sizes[keep])[None, :, None]).index_add_(
+        1, on_device(target), removed_h * on_device(w)[None, :, None])
     sizes[keep] = sizes[keep].index_add(0, target, sizes[removed])
-    return (acc / total.to(device)[None, :, None]).to(h.dtype)
+    return (acc / on_device(total)[None, :, None]).to(h.dtype)

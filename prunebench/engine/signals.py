@@ -70,12 +70,20 @@ def _row_attention(queries: list[torch.Tensor], k: torch.Tensor, scaling: float,
       then at the keys after the sequence's own (reused tokens' cached keys);
     * per_row: a list with one (r, n visual keys) tensor per group (no mean over rows);
     * entropy: a list with one (1,) tensor per group: the entropy (nats) of each row's distribution
-      over all keys, averaged over rows (VLA-Cache's per-layer entropy)."""
+      over all keys, averaged over rows (VLA-Cache's per-layer entropy).
+
+    per_row and entropy are computed in float32 (a bfloat16 entropy near 5 nats moves in steps of
+    0.03); mean in the model's dtype, one reduction over heads and rows, as it always was."""
     first, stop = layout.visual_span()  # the present visual tokens fill one run of slots
     n = layout.current_length
     # scale the few query rows, not the scores
     logits = [(q * scaling) @ k.transpose(-1, -2) for q in queries]
-    probs = [torch.softmax(x if bias is None else x + bias, dim=-1).mean(dim=(0, 1)) for x in logits]
+    if bias is not None:
+        logits = [x + bias for x in logits]
+    if form == "mean":
+        probs = [torch.softmax(x, dim=-1).mean(dim=(0, 1, 2)) for x in logits]
+    else:
+        probs = [torch.softmax(x.float(), dim=-1).mean(dim=(0, 1)) for x in logits]
     if form == "entropy":
         return [-(p * torch.log(p + 1e-10)).sum(dim=-1).mean().reshape(1) for p in probs]
     if k.shape[-2] > n:  # reused keys after the sequence
@@ -83,7 +91,7 @@ def _row_attention(queries: list[torch.Tensor], k: torch.Tensor, scaling: float,
         first, stop = 0, None
     if form == "per_row":
         return [p[:, first:stop] for p in probs]
-    return torch.stack([p.mean(dim=0) for p in probs])[:, first:stop]
+    return torch.stack(probs)[:, first:stop]
 
 
 def attention_from_layer(module, query: torch.Tensor, key: torch.Tensor, layout: TokenLayout,

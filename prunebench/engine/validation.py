@@ -15,7 +15,7 @@ from prunebench.engine.transformers_compat import HAS_ATTENTION_REGISTRY
 
 def valid_keep(name: str, stage: Stage, keep, layout: TokenLayout):
     """The keep-set sorted and its current slots, after one cheap test on the host that it holds
-    distinct present visual indices; ``_check_keep`` diagnoses it only when that test fails."""
+    distinct present visual indices; ``check_keep`` diagnoses it only when that test fails."""
     is_index = isinstance(keep, torch.Tensor) and keep.dim() == 1 and not keep.is_floating_point()
     present = layout.present_visual()  # sorted
     if is_index and keep.numel() and present.numel():
@@ -28,6 +28,7 @@ def valid_keep(name: str, stage: Stage, keep, layout: TokenLayout):
                 return unique, at + layout.visual_span()[0]
     check_keep(name, stage, keep, layout)
     raise EngineError(f"stage {stage.where}: invalid keep-set that no check explains")  # unreachable
+
 
 def check_keep(name: str, stage: Stage, keep, layout: TokenLayout) -> torch.Tensor:
     """Full diagnosis of a keep-set (every stage with ``checks``); returns it sorted."""
@@ -50,6 +51,7 @@ def check_keep(name: str, stage: Stage, keep, layout: TokenLayout) -> torch.Tens
         raise StrategyError(name, f"{where} keeps {absent.tolist()[:5]}, already removed earlier")
     return unique
 
+
 def check_plan(name: str, strategy: Strategy, plan, n_layers: int) -> None:
     if not isinstance(plan, PrunePlan):
         raise StrategyError(name, f"schedule() must return a PrunePlan, got {type(plan).__name__}")
@@ -68,9 +70,9 @@ def check_plan(name: str, strategy: Strategy, plan, n_layers: int) -> None:
         if stage.verb == "reuse" and not strategy.reuses_kv:
             raise StrategyError(name, f"stage {stage.where} reuses keys and values: set the "
                                       "strategy's reuses_kv = True so that the engine keeps them")
-        if stage.verb == "reuse" and strategy.position_ids != "original":
-            raise StrategyError(name, f"stage {stage.where} reuses keys and values, which hold their "
-                                      "original positions: position_ids must be 'original'")
+    if strategy.reuses_kv and strategy.position_ids != "original":  # its dense queries fill the cache too
+        raise StrategyError(name, "reuses_kv: cached keys hold their original positions, so "
+                                  "position_ids must be 'original'")
     if strategy.reuses_kv and not HAS_ATTENTION_REGISTRY:
         raise StrategyError(name, "reused keys and values need transformers >= 4.48 (an "
                                   "attention-function registry)")
@@ -83,6 +85,7 @@ def check_plan(name: str, strategy: Strategy, plan, n_layers: int) -> None:
         if request.kind not in ("embeddings", "pixels", "keys") and request.rows not in ROW_GROUPS:
             raise StrategyError(name, f"signal {request.key}: rows must be one of "
                                       f"{', '.join(ROW_GROUPS)}")
+
 
 def check_tokens(plan: PrunePlan, record: QueryRecord, layout: TokenLayout) -> None:
     """Realised tokens per layer must equal what the stage records imply."""
