@@ -6,7 +6,8 @@ input embeddings of the visual tokens (the projector's outputs) with the cosine 
 d(i, j) = 1 - cos(e_i, e_j). The greedy solver starts from the token farthest from its nearest
 neighbour, then repeatedly adds the token whose distance to the nearest kept token is largest
 (the first index on ties). It uses no attention and no text: the keep-set depends on the image
-alone. Position ids are recompacted (0..L'-1), as in the release.
+alone. Position ids stay the original ones; ``release_positions=true`` renumbers them 0..L'-1 as
+the release's host code (LLaVA's ``generate``) does.
 
 What we read in the release (https://github.com/vbdi/divprune, ``vbdi/divprune@799e2d9``,
 ``LLaVA/llava/model/llava_arch.py``: ``DivPrune`` and the end of
@@ -20,7 +21,12 @@ What we read in the release (https://github.com/vbdi/divprune, ``vbdi/divprune@7
 * budget: ``int(round(SUBSET_RATIO * n_visual))`` kept tokens, removal only when
   ``LAYER_INDEX=0`` (before the first decoder layer), kept tokens in their original order;
 * positions: ``position_ids`` stays None after the removal and ``generate`` derives it from the
-  shortened attention mask (``cumsum - 1``), so the kept sequence is renumbered 0..L'-1.
+  shortened attention mask (``cumsum - 1``), so the kept sequence is renumbered 0..L'-1. That is
+  LLaVA's code path, not part of the method (the paper selects tokens; it says nothing of
+  positions), so here it is a flag, ``release_positions``, off by default: on the shipped policy,
+  trained with fixed positions, renumbering alone multiplies the replay action error of *random*
+  keep 0.5 by 2.5 (0.014 -> 0.035) and took DivPrune keep 0.5 from 0.014 error to 0.036 and to
+  0/20 closed-loop successes (docs/strategies.md).
 
 Defaults and where they come from:
 
@@ -67,6 +73,8 @@ class DivPruneConfig(KeepAtPointConfig):
     keep_ratio: float = Field(0.098, gt=0, le=1,
                               description="fraction of visual tokens kept (release's SUBSET_RATIO 0.098)")
     per_view: bool = Field(True, description="each camera keeps its share; False = one pool (the release)")
+    release_positions: bool = Field(False, description="renumber positions 0..L'-1 after the removal, as "
+                                                       "LLaVA's generate does in the release")
 
     @classmethod
     def search_space(cls, trial):
@@ -80,7 +88,10 @@ class DivPrune(Strategy):
 
     name = "divprune"
     Config = DivPruneConfig
-    position_ids = "recompact"
+
+    def __init__(self, config=None) -> None:
+        super().__init__(config)
+        self.position_ids = "recompact" if self.config.release_positions else "original"
 
     def schedule(self, ctx):
         budget = Budget(keep_ratio=self.config.keep_ratio, per_view=self.config.per_view)

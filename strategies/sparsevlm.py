@@ -59,6 +59,8 @@ class SparseVLMConfig(StrategyConfig):
     rank_adaptive: bool = Field(True, description="counts follow rank(rater attention); False = fixed schedule")
     rater_rows: Literal["prompt", "text"] = Field("prompt", description="rater candidates (text: no template)")
     per_view: bool = Field(False, description="split each stage's count by view; False = one pool")
+    release_positions: bool = Field(False, description="renumber positions after each stage, as the "
+                                                       "LLaVA release cuts position_ids (original variant)")
     recycle: bool = Field(True, description="merge the best deleted tokens into cluster tokens (v1 always "
                                             "does); vla-pruner: never")
 
@@ -73,6 +75,8 @@ class SparseVLMConfig(StrategyConfig):
     def _layers_fit_variant(self) -> "SparseVLMConfig":
         if self.variant == "vla-pruner" and self.recycle:
             raise ValueError("recycle: the vla-pruner variant never recycles (its release does not)")
+        if self.variant == "vla-pruner" and self.release_positions:
+            raise ValueError("release_positions: the vla-pruner variant keeps the original positions")
         if self.layers is not None:
             if not self.layers or min(self.layers) < 0:
                 raise ValueError("layers: give one or more layer indices >= 0")
@@ -229,12 +233,13 @@ class SparseVLM(Strategy):
 
     name = "sparsevlm"
     Config = SparseVLMConfig
-    position_ids = "recompact"  # the release cuts position_ids to the new length; see __init__
 
     def __init__(self, config=None) -> None:
         super().__init__(config)
-        if self.config.variant == "vla-pruner":  # VLA-Pruner passes the kept tokens' own positions
-            self.position_ids = "original"
+        # the LLaVA release cuts position_ids to the new length (renumbers): behind a flag, as it
+        # breaks a policy trained with fixed positions (docs/strategies.md); VLA-Pruner's variant
+        # passes the kept tokens' own positions
+        self.position_ids = "recompact" if self.config.release_positions else "original"
         self.raters: torch.Tensor | None = None
         self.ranks: dict[int, int] = {}  # after_layer -> rank(P) at that stage (this query)
         self.counts: dict[int, int] = {}  # after_layer -> visual tokens kept there (this query)

@@ -110,14 +110,16 @@ def test_defaults_and_registration():
     assert MANAGER.get("divprune") is DivPrune
     assert MANAGER.strategies()["divprune"].plugin == "prunebench.strategies.divprune"
     assert "divprune" in MANAGER.builtin_strategies()
-    assert DivPrune.position_ids == "recompact"  # the release renumbers the shortened sequence
+    # the release's renumbering (LLaVA's generate) only behind its flag
+    assert MANAGER.create("divprune").position_ids == "original"
+    assert MANAGER.create("divprune", {"release_positions": True}).position_ids == "recompact"
 
 
 def test_plugins_command_lists_it(capsys):
     from prunebench.cli.main import main
 
     assert main(["plugins"]) == 0
-    assert "strategy divprune: positions=recompact" in capsys.readouterr().out
+    assert "strategy divprune: positions=original" in capsys.readouterr().out
 
 
 def test_end_to_end_before_the_llm_on_the_input_embeddings(engine, obs):

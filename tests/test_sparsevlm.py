@@ -291,7 +291,10 @@ def test_defaults_layers_and_registration():
     assert MANAGER.create("sparsevlm", {"layers": (1, 9, 2)}).layers(4) == (1, 2)  # sorted, inside
     v = MANAGER.create("sparsevlm", {"variant": "vla-pruner"})
     assert v.layers(32) == (2,) and v.layers(4) == (0,)
-    assert s.position_ids == "recompact" and v.position_ids == "original"
+    assert s.position_ids == v.position_ids == "original"
+    assert MANAGER.create("sparsevlm", {"release_positions": True}).position_ids == "recompact"
+    with pytest.raises(ValidationError, match="keeps the original positions"):
+        SparseVLMConfig(variant="vla-pruner", release_positions=True)
     assert MANAGER.get("sparsevlm") is SparseVLM
     assert MANAGER.strategies()["sparsevlm"].plugin == "prunebench.strategies.sparsevlm"
     with pytest.raises(ValidationError):
@@ -305,7 +308,7 @@ def test_plugins_command_lists_it(capsys):
     from prunebench.cli.main import main
 
     assert main(["plugins"]) == 0
-    assert "strategy sparsevlm: positions=recompact" in capsys.readouterr().out
+    assert "strategy sparsevlm: positions=original" in capsys.readouterr().out
 
 
 def test_search_space():
@@ -386,7 +389,7 @@ def test_recycle_off_is_a_plain_drop_run(engine, obs):
     assert visual_keys(0) not in s.schedule(engine.context(obs)).signals  # no keys for nothing to cluster
     kept = dict(out.kept)
     drops = FixedPlan([Stage(layer) for layer in (0, 1, 2)], keep_fn=lambda stage, layout: kept[stage.where],
-                      position_ids="recompact")
+                      position_ids="original")
     reference = engine.query(drops, obs)
     assert [st.verb for st in reference.record.stages] == ["drop"] * 3
     assert {w: k.tolist() for w, k in reference.kept.items()} == {w: k.tolist() for w, k in kept.items()}
