@@ -14,10 +14,8 @@ Text-guided, training-free visual token sparsification inside the LLM, after the
    and the others merged into it (the ``merge`` verb), so it holds the cluster mean; the rest are
    dropped. Cluster tokens count inside each stage's count.
 
-``variant="vla-pruner"`` is VLA-Pruner's single-stage simplification (``MINT-SJTU/VLA-Pruner@fa5bfed``):
-raters at or above the mean, one top-k with layer 2's attention, original positions, no recycling.
-What we read in the releases, the defaults and every difference from them: docs/strategies.md,
-"SparseVLM".
+``variant="vla-pruner"``: VLA-Pruner's single-stage simplification (``MINT-SJTU/VLA-Pruner@fa5bfed``).
+What we read in the releases, the defaults and every difference: docs/strategies.md, "SparseVLM".
 """
 
 from __future__ import annotations
@@ -59,10 +57,8 @@ class SparseVLMConfig(StrategyConfig):
     rank_adaptive: bool = Field(True, description="counts follow rank(rater attention); False = fixed schedule")
     rater_rows: Literal["prompt", "text"] = Field("prompt", description="rater candidates (text: no template)")
     per_view: bool = Field(False, description="split each stage's count by view; False = one pool")
-    release_positions: bool = Field(False, description="renumber positions after each stage, as the "
-                                                       "LLaVA release cuts position_ids (original variant)")
-    recycle: bool = Field(True, description="merge the best deleted tokens into cluster tokens (v1 always "
-                                            "does); vla-pruner: never")
+    release_positions: bool = Field(False, description="renumber positions after each stage (the release)")
+    recycle: bool = Field(True, description="merge the best deleted tokens into cluster tokens (v1); vla-pruner: never")
 
     @model_validator(mode="before")
     @classmethod
@@ -226,19 +222,16 @@ def recycle(scores: torch.Tensor, among: torch.Tensor, split: tuple[int, int, in
     return keep, pool[member], pool[rep][labels[member]]
 
 
-# ----------------------------------------------------------------------------- the strategy
 class SparseVLM(Strategy):
-    """SparseVLM: text raters score the visual tokens; progressive, rank-adaptive pruning; the best
-    deleted tokens recycled into cluster tokens."""
+    """SparseVLM: text raters score the visual tokens; progressive, rank-adaptive pruning; the best deleted
+    tokens recycled into cluster tokens."""
 
     name = "sparsevlm"
     Config = SparseVLMConfig
 
     def __init__(self, config=None) -> None:
         super().__init__(config)
-        # the LLaVA release cuts position_ids to the new length (renumbers): behind a flag, as it
-        # breaks a policy trained with fixed positions (docs/strategies.md); VLA-Pruner's variant
-        # passes the kept tokens' own positions
+        # the LLaVA release renumbers: a flag, as that breaks a policy trained with fixed positions
         self.position_ids = "recompact" if self.config.release_positions else "original"
         self.raters: torch.Tensor | None = None
         self.ranks: dict[int, int] = {}  # after_layer -> rank(P) at that stage (this query)
