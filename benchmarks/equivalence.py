@@ -22,7 +22,8 @@ mapping the pre-0.2 ``strategies.*`` names onto ``prunebench.strategies.*``.
 
 The comparison prints one row per variant (closed-loop rows start with ``episode``) and exits 1
 unless every kept-index list is identical, every action equal within ``--atol`` (1e-6) and every
-outcome the same. One torch thread, so runs are deterministic.
+outcome the same. A variant only in the second file (a strategy the change adds) is listed as new
+and not compared; one only in the first is missing, a failure. One torch thread, so runs are deterministic.
 """
 
 from __future__ import annotations
@@ -135,10 +136,15 @@ def run_closed_loop(seed: int, max_steps: int | None) -> dict:
 
 
 def compare(before: dict, after: dict, atol: float) -> int:
-    rows, ok = [], True
+    rows, ok, new = [], True, 0
     for label in sorted(set(before["variants"]) | set(after["variants"])):
         a, b = before["variants"].get(label), after["variants"].get(label)
-        if a is None or b is None:
+        if a is None:  # a strategy or variant added by the change: nothing to compare it with
+            rows.append({"variant": label, "queries": len(b["queries"]), "stages": 0, "kept": "new",
+                         "max_action_diff": float("nan"), "ok": "-"})
+            new += 1
+            continue
+        if b is None:  # a variant the change lost
             rows.append({"variant": label, "queries": 0, "stages": 0, "kept": "missing",
                          "max_action_diff": float("nan"), "ok": "NO"})
             ok = False
@@ -157,7 +163,7 @@ def compare(before: dict, after: dict, atol: float) -> int:
     print(format_table(rows, [("variant", "variant", ""), ("queries", "queries", ""),
                               ("kept", "same kept", ""), ("max_action_diff", "max |Δaction|", ".2e"),
                               ("ok", "ok", "")]))
-    print("all equivalent" if ok else "DIFFERENCES FOUND")
+    print(("all equivalent" if ok else "DIFFERENCES FOUND") + (f" ({new} new variants not compared)" if new else ""))
     return 0 if ok else 1
 
 
