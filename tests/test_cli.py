@@ -63,3 +63,15 @@ def test_compare_prints_a_table(capsys, tmp_path):
     rows = json.loads((tmp_path / "c.json").read_text())["rows"]
     assert {r["strategy"] for r in rows} == {"none", *MANAGER.builtin_strategies()}
     assert {"random", "fastv", "specprune-vla", "vla-pruner", "adp", "divprune"} <= {r["strategy"] for r in rows}
+
+
+def test_a_closed_pipe_stops_quietly():
+    """`prunebench plugins | head -1`: the reader goes away; no traceback, the shell's SIGPIPE code."""
+    import subprocess
+    import sys
+
+    run = subprocess.Popen([sys.executable, "-m", "prunebench.cli.main", "plugins"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    run.stdout.close()  # before the command writes anything: its first write meets a closed pipe
+    err = run.stderr.read().decode()
+    assert run.wait() == 141 and "Traceback" not in err and "BrokenPipe" not in err, err

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 
 from prunebench.cli import compare, libero, models, planning, report, runs, strategies, study
@@ -63,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: what was finished is already written
         print("\ninterrupted", file=sys.stderr)
         return exit_code(err)
+    except BrokenPipeError:  # the reader went away (`prunebench plugins | head`): stop quietly, as
+        # a shell tool does; stdout goes to /dev/null so that the exit's flush cannot raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":
