@@ -297,15 +297,3 @@ def test_results_files_honour_the_umask(tmp_path, tiny):
         assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o600
     finally:
         os.umask(before)
-
-
-def test_a_stream_or_video_name_already_taken_gets_the_next_free_one(tmp_path):
-    from prunebench.evaluation.episode import unused_path
-
-    first = unused_path(tmp_path / "deep" / "libero_object_task0_init0.npz")
-    first.write_bytes(b"an earlier run's stream")
-    second = unused_path(tmp_path / "deep" / "libero_object_task0_init0.npz")
-    third = unused_path(tmp_path / "deep" / "libero_object_task0_init0.npz")  # reserved, though empty
-    assert [p.name for p in (first, second, third)] == [
-        "libero_object_task0_init0.npz", "libero_object_task0_init0_2.npz", "libero_object_task0_init0_3.npz"]
-    assert first.read_bytes() == b"an earlier run's stream"

@@ -12,7 +12,6 @@ dense actions are never executed.
 
 from __future__ import annotations
 
-import os
 import random
 import time
 import traceback
@@ -215,13 +214,13 @@ class _Episode:
             needed = every_step or len(queue) <= self.owner.history  # a frame a coming query needs
             if queue and needed and self.steps < max_steps:
                 rendered.append((now + 1, env.render()))
-        episode = f"{job.suite}_task{job.task_id}_init{job.init_state_id}"
         if recorder and recorder.items:
-            self.stream = str(recorder.save(unused_path(Path(cfg.record_dir) / f"{episode}.npz")))
+            name = f"{job.suite}_task{job.task_id}_init{job.init_state_id}.npz"
+            self.stream = str(recorder.save(Path(cfg.record_dir) / name))
         if cfg.video_dir and self.video_frames:
-            outcome = "success" if self.success else "failure"
-            self.video = _write_video(self.video_frames, unused_path(
-                Path(cfg.video_dir) / f"{episode}_{cfg.strategy}_{outcome}.mp4"))
+            self.video = _write_video(self.video_frames, Path(cfg.video_dir) /
+                                      f"{job.suite}_task{job.task_id}_init{job.init_state_id}_"
+                                      f"{'success' if self.success else 'failure'}.mp4")
 
     def _query(self, runner: StreamRunner, dense: StreamRunner | None, obs: Observation,
                step_index: int, order: random.Random, frames: list[dict]) -> list[np.ndarray]:
@@ -251,20 +250,6 @@ def _frames_before(rendered: deque, now: int, wanted: int) -> list[dict]:
             break
         frames.insert(0, images)
     return frames
-
-
-def unused_path(path: Path) -> Path:
-    """``path``, or ``stem_2``, ``stem_3``, ... when it exists, reserved (created empty, exclusively)
-    so that no earlier run's stream or video is written over, even by a run beside this one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    candidate, n = path, 1
-    while True:
-        try:
-            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            return candidate
-        except FileExistsError:
-            n += 1
-            candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
 
 
 def _write_video(frames: list[np.ndarray], path: Path) -> str | None:
