@@ -30,7 +30,7 @@ class KVCache:
             entry = (key.new_zeros(shape), value.new_zeros(shape), torch.zeros(length, dtype=torch.bool))
             self._layers[layer] = entry
         keys, values, computed = entry
-        index = positions if positions.device == key.device else positions.to(key.device, non_blocking=True)
+        index = positions.to(key.device, non_blocking=True)  # no copy, no wait on the CPU
         keys.index_copy_(2, index, key)
         values.index_copy_(2, index, value)
         computed[positions] = True
@@ -46,5 +46,5 @@ class KVCache:
     def fetch(self, layer: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values (1, H_kv, r, hd) at original ``positions`` (r,), all computed before."""
         keys, values, _ = self._layers[layer]
-        index = positions if positions.device == keys.device else positions.to(keys.device, non_blocking=True)
+        index = positions.to(keys.device, non_blocking=True)
         return keys.index_select(2, index), values.index_select(2, index)

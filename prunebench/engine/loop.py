@@ -133,6 +133,7 @@ class PruningEngine:
             to_host()
             slots, record, keep = self._apply_stage(name, strategy, stage, signals, ctx, layout)
             on_device = self._on_device(slots)
+            merged = None
             if stage.verb == "merge":
                 with strategy_code(name, f"stage {stage.where}: assign()"):
                     assignment = strategy.assign(stage, keep, ctx, ctx.current_layout)
@@ -141,14 +142,13 @@ class PruningEngine:
                 merged = merge_visual(h, layout, keep, removed, into, weight, held)
                 if removed.numel():  # until a token holds more than itself, no size bias at all
                     sizes = held
-                h = h.index_select(1, on_device)
+            elif stage.verb == "reuse":
+                present = layout.present_visual()
+                reused = torch.sort(torch.cat([reused, present[~torch.isin(present, keep)]])).values
+            h = h.index_select(1, on_device)
+            if merged is not None:  # the kept visual tokens fill the visual run, in keep's order
                 first = layout.visual_span()[0]
                 h[:, first:first + keep.numel()] = merged
-            else:
-                if stage.verb == "reuse":
-                    present = layout.present_visual()
-                    reused = torch.sort(torch.cat([reused, present[~torch.isin(present, keep)]])).values
-                h = h.index_select(1, on_device)
             layout.keep_slots(slots)
             if recompact:
                 cos, sin = full_cos[:, :len(slots)], full_sin[:, :len(slots)]
