@@ -76,12 +76,12 @@ from prunebench import (
     attention_entropy,
     scale_layer,
 )
+from prunebench.contract.layout import ROW_GROUPS
 from prunebench.selection import rank_in_view, top_k_per_view
 
 PAPER_REUSE_LAYERS = (2, 6, 9, 11)  # the patched Llama's pruning_loc
 PAPER_RELEVANCE_LAYER = 15  # token_attention_merge(layer_id=15)
-RowChoice = Literal["release", "text", "prompt", "language", "prefill", "action", "nonvision",
-                    "post_visual", "last", "all"]
+RowChoice = Literal[("release", *ROW_GROUPS)]  # the release's rows, or any row group
 
 
 class VLACacheConfig(StrategyConfig):
