@@ -47,12 +47,18 @@ def cmd_demos(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from prunebench.training.checkpoint import checkpoint_path
     from prunebench.training.train import load_train_config, main_log, train
 
     cfg = load_train_config(args.config, data=args.data, steps=args.steps, seed=args.seed,
                             batch_size=args.batch_size, threads=args.threads)
-    output = claim(args.output, "policy", args.overwrite, suffix=".safetensors")
-    summary = train(cfg, output, log=main_log)
+    ckpt = checkpoint_path(args.output)
+    if ckpt.exists() and not (args.resume or args.overwrite):
+        raise PrunebenchError(f"{ckpt} exists (an unfinished run of {args.output}); pass --resume to "
+                              f"continue it or --overwrite to start over")
+    # a resumed run writes over the output it wrote before
+    output = claim(args.output, "policy", args.overwrite or args.resume, suffix=".safetensors")
+    summary = train(cfg, output, log=main_log, resume=args.resume)
     print(f"trained {summary['parameters']:,} parameters on {summary['demos']} demos "
           f"({summary['frames']} frames) in {summary['train_minutes']:.1f} min; "
           f"final val L1 {summary['history'][-1]['val_l1']:.4f}")
@@ -85,7 +91,10 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser("train", help="train the built-in policy (MiniOFT) on a demo dataset",
                        description="L1 on 8-step action chunks with augmentation; reproducible "
-                                   "from --seed. Writes one safetensors file with the normalisation.")
+                                   "from --seed. Writes one safetensors file with the normalisation, "
+                                   "and at every evaluation replaces it and a checkpoint beside it "
+                                   "(OUTPUT.ckpt), which --resume continues from; the checkpoint is "
+                                   "removed once training completes.")
     p.add_argument("--config", help="TrainConfig file (YAML/JSON); flags override it")
     p.add_argument("--data", help="dataset directory from 'prunebench demos'")
     p.add_argument("--steps", type=int, help="optimiser steps (default 3000)")
@@ -93,6 +102,12 @@ def add_parsers(sub) -> None:
     p.add_argument("--threads", type=int, help="torch threads (default 2)")
     p.add_argument("--seed", type=non_negative_int)
     p.add_argument("-o", "--output", required=True,
-                   help="weights file (.safetensors; an existing file is refused unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+                   help="weights file (.safetensors; an existing file is refused unless --overwrite or "
+                        "--resume)")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--overwrite", action="store_true",
+                       help=OVERWRITE_HELP + "; an unfinished run's checkpoint is replaced too")
+    again.add_argument("--resume", action="store_true",
+                       help="continue the unfinished run of --output from OUTPUT.ckpt, with the same "
+                            "config, to the same weights as a run never stopped")
     p.set_defaults(func=cmd_train)

@@ -117,7 +117,7 @@ def write_text(path: str | Path, text: str) -> Path:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = _temp_beside(path)
+        fd, tmp = temp_beside(path)
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -134,7 +134,7 @@ def write_text(path: str | Path, text: str) -> Path:
     return path
 
 
-def _temp_beside(path: Path) -> tuple[int, Path]:
+def temp_beside(path: Path) -> tuple[int, Path]:
     """A new temporary file in ``path``'s folder, created 0o666 less the umask like any file the user
     makes (``tempfile.mkstemp`` creates 0o600, and the rename would keep that mode)."""
     while True:

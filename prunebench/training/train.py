@@ -12,6 +12,10 @@ rotation, normalised by a percentile rule, becomes a target of +1 and the policy
 
 Augmentation: random shifts (``shift`` pixels, edge-replicated), brightness/contrast jitter, and
 Gaussian noise on the normalised proprio. Training is reproducible from ``seed`` on one machine.
+
+Resuming: at every evaluation the weights and a checkpoint beside them are replaced atomically, so
+a run stopped without warning continues (``resume=True``) to the same weights, bit for bit, as a run
+never stopped (prunebench.training.checkpoint). The checkpoint is removed once training completes.
 """
 
 from __future__ import annotations
@@ -30,6 +34,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from prunebench.models.mini_oft import MiniOFT, MiniOFTConfig
 from prunebench.runtime.inputs import load_config
+from prunebench.training.checkpoint import (
+    capture,
+    checkpoint_path,
+    read_checkpoint,
+    replace_atomically,
+    restore,
+    run_config,
+    write_checkpoint,
+)
 from prunebench.training.demos import demo_files
 
 
@@ -138,7 +151,8 @@ def switch_weights(samples: Samples, weight: float) -> np.ndarray:
 def batches(samples: Samples, indices: np.ndarray, batch_size: int, rng: np.random.Generator,
             weights: np.ndarray | None = None):
     """Endless random batches, frames drawn in proportion to ``weights`` (default uniform); one batch
-    never mixes prompt lengths (no padding, as at inference)."""
+    never mixes prompt lengths (no padding, as at inference). Between batches the stream's only state
+    is ``rng``'s (nothing is drawn ahead), so a stream built on a restored ``rng`` continues it."""
     weights = np.ones(len(samples)) if weights is None else weights
     by_length: dict[int, np.ndarray] = {}
     for n in sorted({len(samples.prompt[i]) for i in indices}):
@@ -196,14 +210,18 @@ def validate(model: MiniOFT, samples: Samples, indices: np.ndarray, cfg: TrainCo
 
 
 # --------------------------------------------------------------------------- the loop
-def train(cfg: TrainConfig, output: str | Path, log=print) -> dict:
-    """Train from scratch and save weights + normalisation to ``output`` (safetensors)."""
+def train(cfg: TrainConfig, output: str | Path, log=print, resume: bool = False) -> dict:
+    """Train and save weights + normalisation to ``output`` (safetensors). ``resume``: continue from
+    ``checkpoint_path(output)``, which must have been written with the same config."""
+    output, ckpt = Path(output), checkpoint_path(output)
+    files = demo_files(cfg.data)
+    config = run_config(cfg, len(files))
+    state = read_checkpoint(ckpt, config) if resume else None  # a wrong config fails before any work
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     model = MiniOFT.random(MiniOFTConfig(**cfg.model), seed=cfg.seed)
-    files = demo_files(cfg.data)
     t0 = time.perf_counter()
     samples = load_samples(files, model)
     log(f"loaded {len(files)} demos, {len(samples)} frames in {time.perf_counter() - t0:.0f} s")
@@ -222,10 +240,15 @@ def train(cfg: TrainConfig, output: str | Path, log=print) -> dict:
 
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    first, history, running = 0, [], []
+    if state:  # after the set-up above, which draws the same numbers as the first run did
+        restore(state, model, opt, rng, gen)
+        first, history, running = state["step"], state["history"], state["running"]
+        log(f"resumed from {ckpt} at step {first}")
     stream = batches(samples, train_idx, cfg.batch_size, rng, switch_weights(samples, cfg.switch_weight))
-    history = []
-    t_train, running = time.perf_counter(), []
-    for step in range(cfg.steps):
+    # minutes count training time across resumptions (not the time lost after the last checkpoint)
+    t_train = time.perf_counter() - 60 * (history[-1]["minutes"] if history else 0)
+    for step in range(first, cfg.steps):
         for group in opt.param_groups:
             group["lr"] = _lr(step, cfg)
         images, proprio, prompt, target = _batch_tensors(model, samples, next(stream), cfg, gen, True)
@@ -241,24 +264,22 @@ def train(cfg: TrainConfig, output: str | Path, log=print) -> dict:
                    "minutes": (time.perf_counter() - t_train) / 60}
             history.append(row)
             running = []
-            log(json.dumps(row))
+            complete = step + 1 == cfg.steps
             summary = {"demos": len(files), "frames": len(samples), "train_frames": len(train_idx),
                        "val_demos": n_val, "steps": step + 1, "train_minutes": row["minutes"],
                        "parameters": sum(p.numel() for p in model.parameters()),
                        "neutral_action_dims": neutral_actions, "neutral_proprio_dims": neutral_proprio,
-                       "history": history, "config": cfg.model_dump(), "complete": step + 1 == cfg.steps}
-            _save(model, output, summary)  # a checkpoint at every evaluation; the last one is final
+                       "history": history, "config": cfg.model_dump(), "complete": complete}
+            # the weights first: a stale checkpoint only redoes steps, to the same weights
+            replace_atomically(output, lambda tmp: model.save(tmp, extra={"training": summary}))
+            if complete:
+                ckpt.unlink(missing_ok=True)
+            else:
+                write_checkpoint(ckpt, capture(model, opt, rng, gen, config=config, step=step + 1,
+                                               history=history, running=running))
+            log(json.dumps(row))  # logged once on disk
     model.eval()
     return summary
-
-
-def _save(model: MiniOFT, output: str | Path, summary: dict) -> None:
-    """Atomic save, so an interrupted run leaves its last checkpoint intact."""
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp")
-    model.save(tmp, extra={"training": summary})
-    tmp.replace(output)
 
 
 def load_train_config(path: str | None, **fields) -> TrainConfig:
