@@ -24,9 +24,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from prunebench.contract.errors import PrunebenchError
-from prunebench.evaluation.libero_env import WAIT_ACTION, WAIT_STEPS, LiberoEnv, SimulationError, tasks
+from prunebench.evaluation.libero_env import WAIT_ACTION, WAIT_STEPS, LiberoEnv, SimulationError, stock_max_steps, tasks
 from prunebench.runtime.inputs import load_config
-from prunebench.training.expert import PickPlaceExpert
+from prunebench.training.expert import make_expert
 
 SEEDS_PER_TASK = 100_000  # env seeds of task t are t * SEEDS_PER_TASK + seed_offset + k
 
@@ -38,7 +38,7 @@ class DemoConfig(BaseModel):
     suite: str = "libero_object"
     tasks: list[int] | None = None  # None = every task
     per_task: int = Field(40, ge=1)  # successful demonstrations per task
-    max_steps: int = Field(280, ge=1)
+    max_steps: int | None = Field(None, ge=1)  # None: the suite's stock limit (280 for libero_object)
     noise: float = Field(0.3, ge=0)  # std of the xyz noise added to executed actions (action units)
     noise_hold: int = Field(4, ge=1)  # steps each noise sample is held (correlated pushes)
     noisy_fraction: float = Field(0.75, ge=0, le=1)  # share of demos with noise (rest are clean)
@@ -47,6 +47,14 @@ class DemoConfig(BaseModel):
     render_quality: Literal["stock", "fast"] = "fast"
     seed_offset: int = Field(0, ge=0)
     workers: int = Field(2, ge=1)
+
+
+def max_steps(cfg: DemoConfig) -> int:
+    """The step limit of one demonstration: the config's, else the suite's stock limit."""
+    limit = cfg.max_steps or stock_max_steps(cfg.suite)
+    if limit is None:
+        raise PrunebenchError(f"max_steps: suite {cfg.suite} has no stock step limit; set one")
+    return limit
 
 
 def demo_path(out: Path, task_id: int, seed: int) -> Path:
@@ -78,8 +86,10 @@ class DemoMaker:
 
     def env(self, task_id: int) -> LiberoEnv:
         if task_id not in self.envs:
+            # hard resets: a soft reset samples objects that stand on a fixture (a bowl on the
+            # stove or the cabinet) from the fixture's previous pose, and they fall off the table
             self.envs[task_id] = LiberoEnv(self.cfg.suite, task_id, camera_size=self.cfg.camera_size,
-                                           render_quality=self.cfg.render_quality, hard_reset=False)
+                                           render_quality=self.cfg.render_quality, hard_reset=True)
         return self.envs[task_id]
 
     def make(self, task_id: int, seed: int) -> dict | None:
@@ -90,10 +100,10 @@ class DemoMaker:
         state = env.reset_sampled(seed)
         for _ in range(WAIT_STEPS):
             state = env.step(WAIT_ACTION)
-        expert = PickPlaceExpert(env)
+        expert = make_expert(env)
         proprio, intended, executed, frame_steps, frames = [], [], [], [], []
         push = np.zeros(3)
-        for t in range(cfg.max_steps):
+        for t in range(max_steps(cfg)):
             if t % cfg.render_every == 0:
                 frame_steps.append(t)
                 frame = env.render()
@@ -161,6 +171,7 @@ def generate(cfg: DemoConfig, out: str | Path) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     task_ids = cfg.tasks if cfg.tasks is not None else [t.task_id for t in tasks(cfg.suite)]
+    max_steps(cfg)  # a suite without a stock limit fails here, before any worker starts
     (out / "config.json").write_text(cfg.model_dump_json(indent=1))
     done = {t: existing(out, t) for t in task_ids}
     next_seed = {t: sum(done[t]) for t in task_ids}  # attempts so far = seeds used so far
