@@ -74,3 +74,22 @@ def test_bad_config_is_rejected():
     with pytest.raises(ValueError, match="patch_size"):
         MiniOFTConfig(image_size=30, patch_size=8)
 
+
+
+def test_each_suite_gets_its_own_shipped_weights(tmp_path, monkeypatch):
+    """--suite picks the suite's weights (LIBERO-PRO variants their base suite's); a suite without
+    weights is one clear error, never another suite's policy."""
+    from prunebench.contract.errors import PrunebenchError
+    from prunebench.models import builtin
+    from prunebench.models.builtin import builtin_weights, shipped_suites
+
+    for suite in ("libero_object", "libero_spatial", "libero_spatial_extra"):
+        (tmp_path / f"mini_oft_{suite}.safetensors").write_bytes(b"x")
+    monkeypatch.setattr(builtin, "weights_folder", lambda: tmp_path)
+    assert shipped_suites() == ["libero_object", "libero_spatial", "libero_spatial_extra"]
+    assert builtin_weights().name == "mini_oft_libero_object.safetensors"
+    assert builtin_weights("libero_spatial").name == "mini_oft_libero_spatial.safetensors"
+    assert builtin_weights("libero_object_swap").name == "mini_oft_libero_object.safetensors"
+    assert builtin_weights("libero_spatial_extra_lan").name == "mini_oft_libero_spatial_extra.safetensors"
+    with pytest.raises(PrunebenchError, match="--suite libero_goal: .*libero_object, libero_spatial"):
+        builtin_weights("libero_goal")

@@ -6,9 +6,9 @@ and oft_images.py, loaded by oft_checkpoint.py)."""
 
 from __future__ import annotations
 
-from prunebench.models.builtin import BUILTIN_WEIGHTS, builtin_weights
+from prunebench.models.builtin import builtin_weights, shipped_suites
 from prunebench.models.mini_oft import MiniOFT, MiniOFTConfig
 from prunebench.models.registry import check_device, load_model, model_depth, model_device, model_families
 
-__all__ = ["BUILTIN_WEIGHTS", "MiniOFT", "MiniOFTConfig", "builtin_weights", "check_device", "load_model",
+__all__ = ["MiniOFT", "MiniOFTConfig", "builtin_weights", "shipped_suites", "check_device", "load_model",
            "model_depth", "model_device", "model_families"]

@@ -18,13 +18,35 @@ from prunebench.plugins.hookspecs import hookimpl
 if TYPE_CHECKING:  # pragma: no cover
     from prunebench.models.openvla_oft import OpenVLAOFT
 
-BUILTIN_WEIGHTS = "weights/mini_oft.safetensors"
+DEFAULT_SUITE = "libero_object"  # whose weights load when no suite is named (engine benchmarks)
 
 
-def builtin_weights() -> Path | None:
-    """Path of the shipped trained weights, or None while the package ships none."""
-    path = Path(str(resources.files("prunebench.models").joinpath(BUILTIN_WEIGHTS)))
-    return path if path.is_file() else None
+def weights_folder() -> Path:
+    """Where the built-in policy's shipped weights live: ``mini_oft_<suite>.safetensors``, one
+    file per LIBERO suite, as OpenVLA-OFT ships one checkpoint per suite."""
+    return Path(str(resources.files("prunebench.models").joinpath("weights")))
+
+
+def shipped_suites() -> list[str]:
+    """The suites the package ships built-in policy weights for."""
+    return sorted(p.stem.removeprefix("mini_oft_") for p in weights_folder().glob("mini_oft_*.safetensors"))
+
+
+def builtin_weights(suite: str | None = None) -> Path | None:
+    """Path of the shipped weights for ``suite`` (a LIBERO-PRO variant such as
+    ``libero_object_swap`` uses its base suite's; None: libero_object's), or None while the
+    package ships none at all. A suite without weights of its own is an error."""
+    shipped = shipped_suites()
+    if not shipped:
+        return None
+    if suite is None:
+        suite = DEFAULT_SUITE
+    bases = [s for s in shipped if suite == s or suite.startswith(s + "_")]
+    if not bases:
+        raise PrunebenchError(f"--suite {suite}: the built-in policy ships weights for {', '.join(shipped)} "
+                              f"only; train one for {suite} (docs/policy.md) and pass --model FILE")
+    base = max(bases, key=len)
+    return weights_folder() / f"mini_oft_{base}.safetensors"
 
 
 # ------------------------------------------------------------------------------------ MiniOFT
@@ -35,8 +57,9 @@ def claims_mini_oft(source: str | None) -> bool:
 
 def load_mini_oft(source: str | None, *, seed: int = 0, suite: str | None = None,
                   device: str = "cpu") -> tuple[MiniOFT, dict]:
-    """The MiniOFT file ``source``, else the shipped weights, else a random init from ``seed``."""
-    path = Path(source) if source else builtin_weights()
+    """The MiniOFT file ``source``, else the shipped weights for ``suite``, else (none shipped at
+    all) a random init from ``seed``."""
+    path = Path(source) if source else builtin_weights(suite)
     if path is None:
         model = MiniOFT.random(seed=seed)
         info = {"source": f"random-init(seed={seed})", "trained": False}
