@@ -14,8 +14,8 @@ end-effector position and never rotates:
 
 The grasp height is ``max(top of the object's collision geoms - GRASP_DEPTH, object origin z)``, so
 tall bottles are grasped below their cap instead of pushed over. Bowls are grasped at the rim
-(``_choose_rim``). For flat objects (cream cheese, butter) the grasp target lies below what the fingers
-reach, so they are pushed down to the table and close after at most ``DESCEND_STEPS``.
+(``grasp_choice``). Flat objects (cream cheese, butter) are grasped just above the table
+(``FLAT_GRASP_HEIGHT``).
 
 The expert is only used to make training demonstrations; evaluation never sees it.
 """
@@ -26,19 +26,16 @@ import numpy as np
 
 from prunebench.contract.errors import PrunebenchError
 from prunebench.evaluation.libero_env import LiberoEnv
+from prunebench.training.grasp_choice import Grasp, choose_grasp
 
 GAIN = 10.0  # action units per metre of position error (actions are 0.05 m per unit)
 APPROACH_HEIGHT = 0.10  # m above the grasp point
 GRASP_DEPTH = 0.035  # m below the object's top
 FLAT = 0.03  # m: objects lower than this are grasped at the table
+FLAT_GRASP_HEIGHT = 0.008  # m above a flat object's bottom where its grasp closes
 HOLLOW = ("akita_black_bowl",)  # held at the rim: the fingers would close on nothing at the centre
-HAND_CLEARANCE = 0.10  # m from the grasp point the hand needs free of taller things
 REACH = 0.72  # m, horizontal, from the robot's base: beyond it the arm stalls at carrying height
-FINGER_LENGTH = 0.05  # m from the grasp point up to the hand
-FINGER_OFFSET = 0.045  # m from the grasp point to each finger, along y, when open
 FINGER_CLEARANCE = 0.015  # m an outer finger needs free of things above the grasp height
-RIM_ANGLE = 35.0  # degrees off the y axis where a piece of rim still runs roughly along x
-RIM_BAND = 0.015  # m: wall pieces whose top is this close to the object's top form the rim
 CLOSE_STEPS = 13
 DESCEND_STEPS = 30
 LIFT_ABOVE = 0.335  # m above the workspace surface when carrying into a container (0.30 m on the floor)
@@ -91,8 +88,11 @@ class PickPlaceExpert:
         self._held = np.zeros(2)  # eef xy minus the held object's xy (a bowl is held at its rim)
         # rounded to the micrometre, so the floor scene's heights are exactly its former 0.30 / 0.24 m
         self._lift_z = round(self.surface + LIFT_ABOVE, 6)
-        self._finger_floor = -np.inf  # top of what the outer finger would land on, beside a bowl
-        self._rim = self._choose_rim()
+        self._grasp = Grasp(None, 0.0, -np.inf)
+        top = self._object_top()
+        preferred_side = -1.0 if self._target_point()[0][1] > 0 else 1.0
+        self._grasp = choose_grasp(env, self.obj, self._geoms, self._grasp_point()[2], top, preferred_side,
+                                   hollow=_category(self.obj) in HOLLOW)
 
     # ------------------------------------------------------------------ privileged state
     def _obs(self, key: str) -> np.ndarray:
@@ -117,74 +117,18 @@ class PickPlaceExpert:
         top = self._extent(self._geoms, +1)
         return top if top is not None else float(self._obs(f"{self.obj}_pos")[2])
 
-    def _flat(self) -> bool:
-        return _is_flat(self._object_top(), self._obs(f"{self.obj}_pos")[2])
-
     def _grasp_point(self) -> np.ndarray:
         pos = self._obs(f"{self.obj}_pos")
         top = self._object_top()
         z = max(top - GRASP_DEPTH, pos[2])
         if _is_flat(top, pos[2]):
-            z = pos[2] - 0.02  # push the fingers down to the table around a flat object
-        if self._rim is not None:  # follow the chosen piece of rim as the bowl moves
-            pos = self.env.sim.data._data.geom_xpos[self._rim]
-            z = min(max(z, self._finger_floor + FINGER_CLEARANCE), top - 0.01)
-        return np.array([pos[0], pos[1], z])
-
-    def _choose_rim(self) -> int | None:
-        """The piece of a bowl's rim to hold, chosen once. The fingers close along y, so they
-        straddle a wall that runs along x: a piece within RIM_ANGLE of the bowl's +y or -y
-        extreme. Preferred: the side nearer the robot once over the target (the arm then never
-        reaches further than the target itself), the piece nearest the extreme; but only where
-        the hand clears taller fixtures (a cabinet beside the bowl) and the outer finger clears
-        what stands next to the bowl (a cookie box). Read from the geoms, so a bowl tilted on a
-        ramekin is held where its rim really is."""
-        if _category(self.obj) not in HOLLOW:
-            return None
-        data = self.env.sim.data._data
-        top = self._object_top()
-        grasp_z = top - GRASP_DEPTH
-        rim = [g for g in self._geoms if self._extent([g], +1) > top - RIM_BAND]
-        centre = np.mean([data.geom_xpos[g][:2] for g in rim], axis=0)
-        preferred = -1.0 if self._target_point()[0][1] > 0 else 1.0
-        best, best_score = None, -np.inf
-        for g in rim:
-            offset = data.geom_xpos[g][:2] - centre
-            side = np.sign(offset[1])
-            off_axis = np.degrees(np.arctan2(abs(offset[0]), abs(offset[1])))
-            if off_axis > RIM_ANGLE:
-                continue
-            point = data.geom_xpos[g]
-            hand = self._clearance(point, grasp_z + FINGER_LENGTH) / HAND_CLEARANCE
-            # the outer finger may rest on something low beside the bowl: the grasp is then made
-            # higher on the wall, above it (see _grasp_point)
-            under = max((top for gap, top in self._surroundings(point + [0, side * FINGER_OFFSET, 0])
-                         if gap < FINGER_CLEARANCE), default=-np.inf)
-            fits = min(hand, 1.0)  # 1 once the hand clears; the rest only breaks ties
-            score = fits * 1000 + (side == preferred) * 100 - off_axis - 1000 * max(under - grasp_z, 0)
-            if score > best_score:
-                best, best_score, self._finger_floor = g, score, under
-        return best
-
-    def _clearance(self, point: np.ndarray, above: float) -> float:
-        """Horizontal distance from ``point`` to the nearest collision geom (not the object, robot or
-        table) that rises higher than ``above``."""
-        return min((gap for gap, top in self._surroundings(point) if top > above), default=np.inf)
-
-    def _surroundings(self, point: np.ndarray) -> list[tuple[float, float]]:
-        """(horizontal distance from ``point``, top z) of every collision geom that is not the
-        object, the robot or the table."""
-        model, data = self.env.sim.model._model, self.env.sim.data._data
-        found = []
-        for g in range(model.ngeom):
-            body = model.body(model.geom_bodyid[g]).name
-            if (model.geom_contype[g] == 0 or body.startswith((self.obj, "robot", "gripper", "mount"))
-                    or body in ("table", "floor", "world")):
-                continue
-            half = np.abs(data.geom_xmat[g].reshape(3, 3)) @ model.geom_aabb[g][3:]
-            gap = np.maximum(np.abs(point[:2] - data.geom_xpos[g][:2]) - half[:2], 0)
-            found.append((float(np.linalg.norm(gap)), float(data.geom_xpos[g][2] + half[2])))
-        return found
+            # just above the table beside a flat object: fingertips pressed into the table stick
+            # there by friction and close only part way (the grasp slipped about half the time)
+            z = self._extent(self._geoms, -1) + FLAT_GRASP_HEIGHT
+        if self._grasp.rim is not None:  # follow the chosen piece of rim as the bowl moves
+            pos = self.env.sim.data._data.geom_xpos[self._grasp.rim]
+            z = min(max(z, self._grasp.floor + FINGER_CLEARANCE), top - 0.01)  # above what a finger meets
+        return np.array([pos[0] + self._grasp.shift, pos[1], z])
 
     def _target_point(self) -> tuple[np.ndarray, float]:
         """(x, y, z) of the target, and the z of its top surface."""
@@ -230,9 +174,9 @@ class PickPlaceExpert:
         if self.phase == "descend":
             target = self._grasp_point()
             self.timer += 1
-            # close at grasp height, or where the fingers are blocked (a flat object's grasp point
-            # lies below what they reach; a policy that overshoots sees the same rule in the data)
-            blocked = not self._flat() and self._blocked(eef[2])
+            # close at grasp height, or where the fingers are blocked (a policy that overshoots
+            # sees the same rule in the data)
+            blocked = self._blocked(eef[2])
             if eef[2] - target[2] < REACHED or blocked or self.timer >= DESCEND_STEPS:
                 self.phase, self.timer = "close", 0
         if self.phase == "close":

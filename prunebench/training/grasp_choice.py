@@ -1,0 +1,93 @@
+"""Where the scripted expert grasps an object: chosen once, before anything moves, from the
+simulator's collision geometry, so that neither the hand nor a finger lands on what stands beside
+the object.
+
+The gripper never rotates and its fingers close along y. A solid object is grasped at its centre,
+or shifted along x when a neighbour is in the way there (a cluttered floor). A hollow object (a
+bowl) is held at a piece of its rim where the wall runs along x, near its +y or -y extreme; the
+side nearer the robot once over the target is preferred, so the arm never reaches further than the
+target itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+HAND_HALF = np.array([0.034, 0.104])  # m: half the Panda hand's footprint (x, y)
+HAND_BOTTOM = 0.022  # m: the hand's underside above the grasp point
+PAD_HALF = np.array([0.01, 0.006])  # m: half a finger pad's footprint
+FINGER_OFFSET = 0.045  # m from the grasp point to each open finger, along y
+SHIFTS = (0.0, 0.015, -0.015, 0.03, -0.03)  # m along x where a solid object may be grasped
+RIM_ANGLE = 35.0  # degrees off the y axis where a piece of rim still runs roughly along x
+RIM_BAND = 0.015  # m: wall pieces whose top is this close to the object's top form the rim
+IGNORED = ("robot", "gripper", "mount")  # bodies that are never in the way
+SUPPORTS = ("table", "floor", "world")  # what everything stands on
+
+
+@dataclass(frozen=True)
+class Grasp:
+    rim: int | None  # the rim geom to follow (hollow objects), else None
+    shift: float  # m along x from the object's centre (solid objects)
+    floor: float  # top of what a finger lands on: a rim grasp is made above it (-inf: nothing)
+
+
+def box(model, data, g: int) -> tuple[np.ndarray, np.ndarray]:
+    """(centre, half extent) of geom ``g``'s world-aligned bounding box."""
+    rot = data.geom_xmat[g].reshape(3, 3)
+    return data.geom_xpos[g] + rot @ model.geom_aabb[g][:3], np.abs(rot) @ model.geom_aabb[g][3:]
+
+
+class Obstacles:
+    """Every collision geom but the object's own, the robot's and the table's, as boxes."""
+
+    def __init__(self, env, obj: str) -> None:
+        model, data = env.sim.model._model, env.sim.data._data
+        self.boxes = []
+        for g in range(model.ngeom):
+            body = model.body(model.geom_bodyid[g]).name
+            if model.geom_contype[g] and not body.startswith((obj, *IGNORED)) and body not in SUPPORTS:
+                self.boxes.append(box(model, data, g))
+
+    def tops(self, point: np.ndarray, half: np.ndarray) -> list[float]:
+        """Top z of every box overlapping the rectangle ``point ± half`` (x, y)."""
+        return [centre[2] + h[2] for centre, h in self.boxes if np.all(np.abs(centre[:2] - point[:2]) < h[:2] + half)]
+
+    def rise(self, point: np.ndarray, half: np.ndarray, above: float) -> float:
+        """How far (m) the highest of those rises above ``above`` (0: nothing does)."""
+        return max([top - above for top in self.tops(point, half)] + [0.0])
+
+
+def choose_grasp(env, obj: str, geoms: list[int], grasp_z: float, top: float, preferred_side: float,
+                 hollow: bool) -> Grasp:
+    """The grasp with the least in the way of the hand (first) and the fingers, then the preferred."""
+    model, data = env.sim.model._model, env.sim.data._data
+    obstacles = Obstacles(env, obj)
+    candidates = []  # (cost, Grasp)
+    if hollow:
+        rim = [g for g in geoms if sum(box(model, data, g))[2] > top - RIM_BAND]  # centre + half: its top
+        centre = np.mean([data.geom_xpos[g][:2] for g in rim], axis=0)
+        for g in rim:
+            offset = data.geom_xpos[g][:2] - centre
+            off_axis = np.degrees(np.arctan2(abs(offset[0]), abs(offset[1])))
+            if off_axis <= RIM_ANGLE:
+                point, side = data.geom_xpos[g], np.sign(offset[1])
+                floor = max(obstacles.tops(point + [0, side * FINGER_OFFSET, 0], PAD_HALF), default=-np.inf)
+                candidates.append((_cost(obstacles, point, grasp_z) + 0.05 * (side != preferred_side)
+                                   + off_axis / 1000, Grasp(g, 0.0, floor)))
+    else:
+        pos = np.asarray(env.observation[f"{obj}_pos"], dtype=np.float64)
+        half_x = max(box(model, data, g)[0][0] + box(model, data, g)[1][0] for g in geoms) - pos[0]
+        for shift in SHIFTS:
+            if abs(shift) <= half_x - 0.01:
+                point = pos + [shift, 0, 0]
+                candidates.append((_cost(obstacles, point, grasp_z) + abs(shift), Grasp(None, shift, -np.inf)))
+    return min(candidates, key=lambda c: c[0])[1] if candidates else Grasp(None, 0.0, -np.inf)
+
+
+def _cost(obstacles: Obstacles, point: np.ndarray, grasp_z: float) -> float:
+    """What rises into the hand (worst) or under a finger at a grasp at ``point``, in m, weighted."""
+    hand = obstacles.rise(point, HAND_HALF, grasp_z + HAND_BOTTOM)
+    fingers = max(obstacles.rise(point + [0, s * FINGER_OFFSET, 0], PAD_HALF, grasp_z) for s in (-1, 1))
+    return 100 * hand + 10 * fingers
