@@ -21,6 +21,7 @@ def record(suite: str, task_ids: list[int] | None, seeds: int, max_steps: int) -
     from prunebench.evaluation.libero_env import WAIT_ACTION, WAIT_STEPS, LiberoEnv, tasks
     from prunebench.training.demos import SEEDS_PER_TASK
     from prunebench.training.expert import make_expert
+    from prunebench.training.fixture_expert import goal_expert
 
     out = {}
     for task in tasks(suite):
@@ -31,7 +32,7 @@ def record(suite: str, task_ids: list[int] | None, seeds: int, max_steps: int) -
             env.reset_sampled(task.task_id * SEEDS_PER_TASK + k)
             for _ in range(WAIT_STEPS):
                 env.step(WAIT_ACTION)
-            expert, actions, success = make_expert(env), [], False
+            expert, actions, success = goal_expert(env) or make_expert(env), [], False
             for _ in range(max_steps):
                 actions.append(expert.act())
                 if env.step(actions[-1]).success:

@@ -27,6 +27,7 @@ from prunebench.contract.errors import PrunebenchError
 from prunebench.evaluation.libero_env import WAIT_ACTION, WAIT_STEPS, LiberoEnv, SimulationError, stock_max_steps, tasks
 from prunebench.runtime.inputs import load_config
 from prunebench.training.expert import make_expert
+from prunebench.training.fixture_expert import goal_expert
 
 SEEDS_PER_TASK = 100_000  # env seeds of task t are t * SEEDS_PER_TASK + seed_offset + k
 
@@ -100,7 +101,7 @@ class DemoMaker:
         state = env.reset_sampled(seed)
         for _ in range(WAIT_STEPS):
             state = env.step(WAIT_ACTION)
-        expert = make_expert(env)
+        expert = goal_expert(env) or make_expert(env)
         proprio, intended, executed, frame_steps, frames = [], [], [], [], []
         push = np.zeros(3)
         for t in range(max_steps(cfg)):

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-HAND_HALF = np.array([0.034, 0.104])  # m: half the Panda hand's footprint (x, y)
+HAND_HALF = np.array([0.034, 0.09])  # m: half the Panda hand's footprint (x, y), its rounded ends trimmed
 HAND_BOTTOM = 0.022  # m: the hand's underside above the grasp point
+HAND_TOLERANCE = 0.01  # m: a rim that grazes the hand's underside does not stop a grasp
 PAD_HALF = np.array([0.01, 0.006])  # m: half a finger pad's footprint
 FINGER_OFFSET = 0.045  # m from the grasp point to each open finger, along y
 SHIFTS = (0.0, 0.015, -0.015, 0.03, -0.03)  # m along x where a solid object may be grasped
@@ -40,19 +41,32 @@ def box(model, data, g: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class Obstacles:
-    """Every collision geom but the object's own, the robot's and the table's, as boxes."""
+    """Every collision geom but the object's own, the robot's and the table's: tested in its own
+    frame, so a yawed cabinet's footprint is its rectangle, not the larger world-aligned box around it."""
 
     def __init__(self, env, obj: str) -> None:
         model, data = env.sim.model._model, env.sim.data._data
-        self.boxes = []
-        for g in range(model.ngeom):
-            body = model.body(model.geom_bodyid[g]).name
-            if model.geom_contype[g] and not body.startswith((obj, *IGNORED)) and body not in SUPPORTS:
-                self.boxes.append(box(model, data, g))
+        keep = [g for g in range(model.ngeom) if model.geom_contype[g]
+                and not model.body(model.geom_bodyid[g]).name.startswith((obj, *IGNORED))
+                and model.body(model.geom_bodyid[g]).name not in SUPPORTS]
+        self.rot = np.stack([data.geom_xmat[g].reshape(3, 3) for g in keep]) if keep else np.zeros((0, 3, 3))
+        self.centre = np.array([data.geom_xpos[g] + data.geom_xmat[g].reshape(3, 3) @ model.geom_aabb[g][:3]
+                                for g in keep]).reshape(-1, 3)
+        self.half = np.array([model.geom_aabb[g][3:] for g in keep]).reshape(-1, 3)
+        self.top = np.array([sum(box(model, data, g))[2] for g in keep])
 
     def tops(self, point: np.ndarray, half: np.ndarray) -> list[float]:
-        """Top z of every box overlapping the rectangle ``point ± half`` (x, y)."""
-        return [centre[2] + h[2] for centre, h in self.boxes if np.all(np.abs(centre[:2] - point[:2]) < h[:2] + half)]
+        """Top z of every geom that stands in the rectangle ``point ± half`` (x, y) at any height:
+        a grid of vertical lines over the rectangle, sampled through each geom's height."""
+        grid = np.stack(np.meshgrid(np.linspace(-1, 1, 5), np.linspace(-1, 1, 9)), -1).reshape(-1, 2) * half
+        found = []
+        for rot, centre, h, top in zip(self.rot, self.centre, self.half, self.top):
+            depth = top - centre[2]
+            heights = np.linspace(-depth, depth, 5)
+            offsets = np.array([[*(point[:2] + xy - centre[:2]), z] for xy in grid for z in heights])
+            if np.any(np.all(np.abs(offsets @ rot) <= h, axis=1)):  # world -> the geom's frame
+                found.append(float(top))
+        return found
 
     def rise(self, point: np.ndarray, half: np.ndarray, above: float) -> float:
         """How far (m) the highest of those rises above ``above`` (0: nothing does)."""
@@ -74,7 +88,7 @@ def choose_grasp(env, obj: str, geoms: list[int], grasp_z: float, top: float, pr
             if off_axis <= RIM_ANGLE:
                 point, side = data.geom_xpos[g], np.sign(offset[1])
                 floor = max(obstacles.tops(point + [0, side * FINGER_OFFSET, 0], PAD_HALF), default=-np.inf)
-                candidates.append((_cost(obstacles, point, grasp_z) + 0.05 * (side != preferred_side)
+                candidates.append((_cost(obstacles, point, grasp_z) + 0.5 * (side != preferred_side)
                                    + off_axis / 1000, Grasp(g, 0.0, floor)))
     else:
         pos = np.asarray(env.observation[f"{obj}_pos"], dtype=np.float64)
@@ -88,6 +102,6 @@ def choose_grasp(env, obj: str, geoms: list[int], grasp_z: float, top: float, pr
 
 def _cost(obstacles: Obstacles, point: np.ndarray, grasp_z: float) -> float:
     """What rises into the hand (worst) or under a finger at a grasp at ``point``, in m, weighted."""
-    hand = obstacles.rise(point, HAND_HALF, grasp_z + HAND_BOTTOM)
+    hand = obstacles.rise(point, HAND_HALF, grasp_z + HAND_BOTTOM + HAND_TOLERANCE)
     fingers = max(obstacles.rise(point + [0, s * FINGER_OFFSET, 0], PAD_HALF, grasp_z) for s in (-1, 1))
     return 100 * hand + 10 * fingers
