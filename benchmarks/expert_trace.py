@@ -6,7 +6,11 @@
     python benchmarks/expert_trace.py --compare before.npz after.npz
 
 Each (task, seed) plays the expert without noise from the initial state LIBERO samples from the
-demos' env seed (``task * 100000 + k``) and records every intended action and the outcome.
+demos' env seed (``task * 100000 + offset + k``; never an official init state) and records every
+intended action and the outcome; the per-task success table it prints is how docs/policy.md
+measures each expert:
+
+    python benchmarks/expert_trace.py -o spatial.npz --suite libero_spatial --seeds 20 --seed-offset 50000
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ import sys
 import numpy as np
 
 
-def record(suite: str, task_ids: list[int] | None, seeds: int, max_steps: int) -> dict[str, np.ndarray]:
-    from prunebench.evaluation.libero_env import WAIT_ACTION, WAIT_STEPS, LiberoEnv, tasks
+def record(suite: str, task_ids: list[int] | None, seeds: int, offset: int,
+           max_steps: int | None) -> dict[str, np.ndarray]:
+    from prunebench.evaluation.libero_env import WAIT_ACTION, WAIT_STEPS, LiberoEnv, stock_max_steps, tasks
     from prunebench.training.demos import SEEDS_PER_TASK
     from prunebench.training.expert import make_expert
     from prunebench.training.fixture_expert import goal_expert
@@ -27,13 +32,14 @@ def record(suite: str, task_ids: list[int] | None, seeds: int, max_steps: int) -
     for task in tasks(suite):
         if task_ids is not None and task.task_id not in task_ids:
             continue
-        env = LiberoEnv(suite, task.task_id, render_quality="fast", hard_reset=False)
+        env = LiberoEnv(suite, task.task_id, render_quality="fast", hard_reset=True)  # as the demos
+        solved = 0
         for k in range(seeds):
-            env.reset_sampled(task.task_id * SEEDS_PER_TASK + k)
+            env.reset_sampled(task.task_id * SEEDS_PER_TASK + offset + k)
             for _ in range(WAIT_STEPS):
                 env.step(WAIT_ACTION)
             expert, actions, success = goal_expert(env) or make_expert(env), [], False
-            for _ in range(max_steps):
+            for _ in range(max_steps or stock_max_steps(suite)):
                 actions.append(expert.act())
                 if env.step(actions[-1]).success:
                     success = True
@@ -42,7 +48,9 @@ def record(suite: str, task_ids: list[int] | None, seeds: int, max_steps: int) -
             out[key] = np.asarray(actions)
             out[key + "_success"] = np.asarray(success)
             print(f"{key}: {'success' if success else 'failure'} in {len(actions)} steps", flush=True)
+            solved += success
         env.close()
+        print(f"task {task.task_id}: {solved}/{seeds}  {task.instruction}", flush=True)
     return out
 
 
@@ -69,14 +77,15 @@ def main() -> int:
     parser.add_argument("--suite", default="libero_object")
     parser.add_argument("--tasks", type=int, nargs="*")
     parser.add_argument("--seeds", type=int, default=2, help="sampled initial states per task")
-    parser.add_argument("--max-steps", type=int, default=280)
+    parser.add_argument("--seed-offset", type=int, default=0, help="first k of the env seeds")
+    parser.add_argument("--max-steps", type=int, help="default: the suite's stock limit")
     parser.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"))
     args = parser.parse_args()
     if args.compare:
         return compare(*args.compare)
     if not args.output:
         parser.error("-o is required unless --compare is given")
-    np.savez(args.output, **record(args.suite, args.tasks, args.seeds, args.max_steps))
+    np.savez(args.output, **record(args.suite, args.tasks, args.seeds, args.seed_offset, args.max_steps))
     return 0
 
 
