@@ -61,40 +61,17 @@ def _category(name: str) -> str:
     return name.rsplit("_", 1)[0]
 
 
-class PickPlaceExpert:
-    """Closed-loop scripted expert: ``act()`` reads the current state and returns the intended action.
+class ScriptedExpert:
+    """What every scripted expert reads and how it moves: privileged object poses and collision
+    geometry, P-control of the end effector, and the arm's reach. ``phase`` names its current step
+    ("close", "open" and "done" are never disturbed by the demonstrations' noise)."""
 
-    Being closed-loop, it also tells how to *recover* from a perturbed state, which is what the
-    DART-style noisy demonstrations record.
-    """
-
-    def __init__(self, env: LiberoEnv, goal: tuple[str, str, str] | None = None) -> None:
-        """``goal``: (relation, object, target) as in LIBERO's BDDL; default: the task's own."""
-        if goal is None:
-            goals = env.env.env.parsed_problem["goal_state"]
-            if len(goals) != 1 or goals[0][0] not in ("in", "on"):
-                raise PrunebenchError(f"the scripted expert handles one 'in' or 'on' goal, task has {goals}")
-            goal = goals[0]
-        self.env = env
-        self.relation, self.obj, target = goal
-        self.target = target.removesuffix("_contain_region")
-        self.surface = float(env.env.env.workspace_offset[2])
-        self.phase, self.timer = "approach", 0
+    def __init__(self, env: LiberoEnv, obj: str) -> None:
+        self.env, self.obj = env, obj
+        self.phase = "approach"
         self._heights: list[float] = []  # eef z during a descent, to detect a blocked one
-        self._hang = 0.0  # eef z minus the held object's bottom, measured when the grasp closes
-        self._geoms = self._collision_geoms(self.obj)
-        self._target_geoms = self._collision_geoms(self.target)
-        self._grasps = 0  # descents so far: a slipped grasp is retried up to MAX_GRASPS times
-        self._held = np.zeros(2)  # eef xy minus the held object's xy (a bowl is held at its rim)
-        # rounded to the micrometre, so the floor scene's heights are exactly its former 0.30 / 0.24 m
-        self._lift_z = round(self.surface + LIFT_ABOVE, 6)
-        self._grasp = Grasp(None, 0.0, -np.inf)
-        top = self._object_top()
-        preferred_side = -1.0 if self._target_point()[0][1] > 0 else 1.0
-        self._grasp = choose_grasp(env, self.obj, self._geoms, self._grasp_point()[2], top, preferred_side,
-                                   hollow=_category(self.obj) in HOLLOW)
+        self._geoms = self._collision_geoms(obj)
 
-    # ------------------------------------------------------------------ privileged state
     def _obs(self, key: str) -> np.ndarray:
         return np.asarray(self.env.observation[key], dtype=np.float64)
 
@@ -116,6 +93,60 @@ class PickPlaceExpert:
     def _object_top(self) -> float:
         top = self._extent(self._geoms, +1)
         return top if top is not None else float(self._obs(f"{self.obj}_pos")[2])
+
+    def _within_reach(self, xy: np.ndarray) -> np.ndarray:
+        """``xy`` pulled back toward the robot's base to at most REACH from it: a stretched-out arm
+        is singular and the controller stalls there."""
+        base = np.asarray(self.env.sim.data.body_xpos[self.env.sim.model.body_name2id("robot0_base")][:2])
+        away = xy - base
+        distance = np.linalg.norm(away)
+        return xy if distance <= REACH else base + away * (REACH / distance)
+
+    def _blocked(self, z: float) -> bool:
+        """Whether a descent has stopped moving (it rests on something)."""
+        self._heights.append(z)
+        return len(self._heights) > STALL_STEPS and self._heights[-STALL_STEPS - 1] - z < STALL
+
+    @staticmethod
+    def _move(error: np.ndarray, floor: float) -> np.ndarray:
+        """P-control with a floor on the speed (until within REACHED), each axis clipped to 1."""
+        distance = np.linalg.norm(error)
+        if distance < REACHED:
+            return np.clip(GAIN * error, -1, 1)
+        speed = max(GAIN * distance, floor)
+        return np.clip(error / distance * speed, -1, 1)
+
+
+class PickPlaceExpert(ScriptedExpert):
+    """Closed-loop scripted expert: ``act()`` reads the current state and returns the intended action.
+
+    Being closed-loop, it also tells how to *recover* from a perturbed state, which is what the
+    DART-style noisy demonstrations record.
+    """
+
+    def __init__(self, env: LiberoEnv, goal: tuple[str, str, str] | None = None) -> None:
+        """``goal``: (relation, object, target) as in LIBERO's BDDL; default: the task's own."""
+        if goal is None:
+            goals = env.env.env.parsed_problem["goal_state"]
+            if len(goals) != 1 or goals[0][0] not in ("in", "on"):
+                raise PrunebenchError(f"the scripted expert handles one 'in' or 'on' goal, task has {goals}")
+            goal = goals[0]
+        self.relation, obj, target = goal
+        super().__init__(env, obj)
+        self.target = target.removesuffix("_contain_region")
+        self.surface = float(env.env.env.workspace_offset[2])
+        self.timer = 0
+        self._hang = 0.0  # eef z minus the held object's bottom, measured when the grasp closes
+        self._target_geoms = self._collision_geoms(self.target)
+        self._grasps = 0  # descents so far: a slipped grasp is retried up to MAX_GRASPS times
+        self._held = np.zeros(2)  # eef xy minus the held object's xy (a bowl is held at its rim)
+        # rounded to the micrometre, so the floor scene's heights are exactly its former 0.30 / 0.24 m
+        self._lift_z = round(self.surface + LIFT_ABOVE, 6)
+        self._grasp = Grasp(None, 0.0, -np.inf)
+        top = self._object_top()
+        preferred_side = -1.0 if self._target_point()[0][1] > 0 else 1.0
+        self._grasp = choose_grasp(env, self.obj, self._geoms, self._grasp_point()[2], top, preferred_side,
+                                   hollow=_category(self.obj) in HOLLOW)
 
     def _grasp_point(self) -> np.ndarray:
         pos = self._obs(f"{self.obj}_pos")
@@ -146,14 +177,6 @@ class PickPlaceExpert:
         back toward the robot when that lies beyond the arm's reach (a bowl held at its far rim
         over a distant plate lands a few cm off centre instead of never arriving)."""
         return self._within_reach(self._target_point()[0][:2] + self._held)
-
-    def _within_reach(self, xy: np.ndarray) -> np.ndarray:
-        """``xy`` pulled back toward the robot's base to at most REACH from it: a stretched-out arm
-        is singular and the controller stalls there."""
-        base = np.asarray(self.env.sim.data.body_xpos[self.env.sim.model.body_name2id("robot0_base")][:2])
-        away = xy - base
-        distance = np.linalg.norm(away)
-        return xy if distance <= REACH else base + away * (REACH / distance)
 
     def _release_z(self) -> float:
         if self.relation == "in":
@@ -220,21 +243,6 @@ class PickPlaceExpert:
         """Whether the held object hangs DROPPED further below the fingers than when grasped."""
         bottom = self._extent(self._geoms, -1)
         return bottom is not None and eef[2] - bottom > self._hang + DROPPED
-
-    def _blocked(self, z: float) -> bool:
-        """Whether a descent has stopped moving (it rests on something)."""
-        self._heights.append(z)
-        return len(self._heights) > STALL_STEPS and self._heights[-STALL_STEPS - 1] - z < STALL
-
-    @staticmethod
-    def _move(error: np.ndarray, floor: float) -> np.ndarray:
-        """P-control with a floor on the speed (until within REACHED), each axis clipped to 1."""
-        distance = np.linalg.norm(error)
-        if distance < REACHED:
-            return np.clip(GAIN * error, -1, 1)
-        speed = max(GAIN * distance, floor)
-        return np.clip(error / distance * speed, -1, 1)
-
 
 def make_expert(env: LiberoEnv) -> PickPlaceExpert:
     """The scripted expert for the env's task."""

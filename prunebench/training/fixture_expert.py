@@ -19,7 +19,7 @@ import numpy as np
 
 from prunebench.contract.errors import PrunebenchError
 from prunebench.evaluation.libero_env import LiberoEnv
-from prunebench.training.expert import REACHED, PickPlaceExpert
+from prunebench.training.expert import REACHED, PickPlaceExpert, ScriptedExpert
 from prunebench.training.grasp_choice import HAND_BOTTOM, HAND_HALF, Obstacles, box
 
 FINGER_BOTTOM = 0.010  # m from the eef down to the closed fingertips (they rest on a surface there)
@@ -45,7 +45,7 @@ SHRINKS = (1.0, 0.9, 0.8)  # shares of an object's footprint tried for standing 
 Q_DONE = 0.25  # a joint stops this share of the way into its target range (LIBERO's own bounds)
 
 
-class PressDragExpert(PickPlaceExpert):
+class PressDragExpert(ScriptedExpert):
     """Puts the fingertips on a point of a movable part and drags (or pushes) it, closed-loop:
 
         approach (above the point) -> descend (until blocked) -> drag -> lift (and on) -> done
@@ -55,11 +55,7 @@ class PressDragExpert(PickPlaceExpert):
     """
 
     def __init__(self, env: LiberoEnv, part: str) -> None:
-        # only PickPlaceExpert's geometry helpers are inherited, and they need only these: its
-        # pick-and-place state is not built (its __init__ expects an object to grasp)
-        self.env, self.obj = env, part
-        self._geoms = self._collision_geoms(part)
-        self.phase, self._heights = "approach", []
+        super().__init__(env, part)
         self.press, self.grip = PRESS, 1.0  # closed: the fingertips press as one flat tip
         self.leaves = True  # whether the hand leaves the part once done (the next expert may not)
         self._heading, self._leave = np.zeros(2), np.zeros(3)  # the drag's direction, where it leaves
