@@ -3,6 +3,7 @@ weights, bit for bit, as a run never stopped; a resume with another config, and 
 or checkpoint without --resume/--overwrite, are refused with one line."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -47,6 +48,10 @@ def test_a_stopped_run_resumes_to_the_same_weights_as_a_run_never_stopped(tmp_pa
     cfg = tiny_config(tmp_path, steps=9, eval_every=3)
     whole = train(cfg, tmp_path / "whole.safetensors", log=lambda m: None)
     assert not checkpoint_path(tmp_path / "whole.safetensors").exists()  # removed once complete
+    umask = os.umask(0o022)
+    os.umask(umask)
+    # the user's file mode, as any file they make (safetensors' writer alone would leave 0o600)
+    assert os.stat(tmp_path / "whole.safetensors").st_mode & 0o777 == 0o666 & ~umask
 
     out = tmp_path / "out" / "policy.safetensors"
     with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):

@@ -78,13 +78,18 @@ def replace_atomically(path: Path, write) -> None:
     """``write(tmp)``, then rename over ``path``: a kill leaves the old file or the new one, never
     part of one. The temporary name is unique, so two runs never write the same one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = temp_beside(path)  # created with the user's file mode, which the rename keeps
+    fd, tmp = temp_beside(path)  # created with the user's file mode
+    mode = os.fstat(fd).st_mode & 0o777
+    os.close(fd)
     try:
         write(tmp)
-        os.fsync(fd)  # the data on disk before the rename (one inode: any descriptor will do)
+        fd = os.open(tmp, os.O_RDONLY)  # the writer may have made a new file under the name
+        try:
+            os.fchmod(fd, mode)  # safetensors' writer creates it 0o600, which the rename would keep
+            os.fsync(fd)  # the data on disk before the rename
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    finally:
-        os.close(fd)
