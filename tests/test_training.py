@@ -1,6 +1,7 @@
 """Training the built-in policy: normalisation rules, data loading, reproducibility (no simulator)."""
 
 import numpy as np
+import pytest
 import torch
 
 from prunebench.models import load_model
@@ -131,3 +132,14 @@ def test_training_learns_what_the_inputs_say(tmp_path):
         action = model.predict(Observation(images, np.zeros(8, np.float32), INSTRUCTIONS[task]))
         dx.append(float(action[:, 0].mean()))
     assert dx[0] < -0.5 and dx[1] > 0.5  # each task's own motion
+
+
+def test_demo_noise_is_the_tasks_own_std_in_the_noisy_share_of_demos():
+    from prunebench.training.demos import DemoConfig, noise_std
+
+    cfg = DemoConfig.model_validate({"noise": 0.3, "noise_per_task": {"5": 0.15}, "noisy_fraction": 0.75})
+    stds = {t: [noise_std(cfg, t, np.random.default_rng(seed)) for seed in range(400)] for t in (4, 5)}
+    assert set(stds[4]) == {0.0, 0.3} and set(stds[5]) == {0.0, 0.15}
+    assert 0.65 < np.mean(np.array(stds[5]) > 0) < 0.85  # about noisy_fraction of the demos
+    with pytest.raises(ValueError, match="noise_per_task"):
+        DemoConfig.model_validate({"noise_per_task": {"5": -0.1}})

@@ -18,7 +18,7 @@ import os
 import sys
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -41,6 +41,9 @@ class DemoConfig(BaseModel):
     per_task: int = Field(40, ge=1)  # successful demonstrations per task
     max_steps: int | None = Field(None, ge=1)  # None: the suite's stock limit (280 for libero_object)
     noise: float = Field(0.3, ge=0)  # std of the xyz noise added to executed actions (action units)
+    # per-task std where the expert fails under ``noise`` (libero_goal's plate push: the noise lifts
+    # the fingers over the plate's wall); the std each demo got is recorded in it
+    noise_per_task: dict[int, Annotated[float, Field(ge=0)]] = {}
     noise_hold: int = Field(4, ge=1)  # steps each noise sample is held (correlated pushes)
     noisy_fraction: float = Field(0.75, ge=0, le=1)  # share of demos with noise (rest are clean)
     render_every: int = Field(3, ge=1)  # camera frames every k-th step (training samples)
@@ -56,6 +59,11 @@ def max_steps(cfg: DemoConfig) -> int:
     if limit is None:
         raise PrunebenchError(f"max_steps: suite {cfg.suite} has no stock step limit; set one")
     return limit
+
+
+def noise_std(cfg: DemoConfig, task_id: int, rng: np.random.Generator) -> float:
+    """The executed-action noise of one demo: the task's std in ``noisy_fraction`` of the demos, else 0."""
+    return cfg.noise_per_task.get(task_id, cfg.noise) if rng.random() < cfg.noisy_fraction else 0.0
 
 
 def demo_path(out: Path, task_id: int, seed: int) -> Path:
@@ -97,7 +105,7 @@ class DemoMaker:
         """Run the expert from the state sampled with ``seed``; the recorded arrays, or None on failure."""
         cfg, env = self.cfg, self.env(task_id)
         rng = np.random.default_rng(seed)
-        noise = cfg.noise if rng.random() < cfg.noisy_fraction else 0.0
+        noise = noise_std(cfg, task_id, rng)
         state = env.reset_sampled(seed)
         for _ in range(WAIT_STEPS):
             state = env.step(WAIT_ACTION)
