@@ -32,3 +32,32 @@ def test_expert_solves_a_sampled_initial_state(suite, task_id):
         assert success, f"the expert failed {suite} task {task_id} (last phase {expert.phase})"
     finally:
         env.close()
+
+
+def test_obstacle_prefilter_skips_only_geoms_that_cannot_stand_in_the_rectangle():
+    """Obstacles.tops tests only geoms whose bounding sphere reaches the rectangle (10x faster):
+    the same tops as testing every geom, on random rectangles over libero_goal's crowded table."""
+    import numpy as np
+
+    from prunebench.training.grasp_choice import Obstacles
+
+    def every_geom(obstacles, point, half):
+        grid = np.stack(np.meshgrid(np.linspace(-1, 1, 5), np.linspace(-1, 1, 9)), -1).reshape(-1, 2) * half
+        found = []
+        for rot, centre, h, top in zip(obstacles.rot, obstacles.centre, obstacles.half, obstacles.top):
+            heights = np.linspace(centre[2] - top, top - centre[2], 5)
+            offsets = np.array([[*(point[:2] + xy - centre[:2]), z] for xy in grid for z in heights])
+            if np.any(np.all(np.abs(offsets @ rot) <= h, axis=1)):
+                found.append(float(top))
+        return found
+
+    env = LiberoEnv("libero_goal", 3, render_quality="fast", hard_reset=True)
+    try:
+        env.reset_sampled(123)
+        obstacles, rng = Obstacles(env, "akita_black_bowl_1"), np.random.default_rng(0)
+        queries = [(np.append(rng.uniform(-0.45, 0.45, 2), 0.9), rng.uniform(0.005, 0.12, 2)) for _ in range(60)]
+        expected = [every_geom(obstacles, point, half) for point, half in queries]
+        assert sum(map(bool, expected)) > 10  # rectangles that do meet something
+        assert [obstacles.tops(point, half) for point, half in queries] == expected
+    finally:
+        env.close()

@@ -59,8 +59,11 @@ class Obstacles:
         """Top z of every geom that stands in the rectangle ``point ± half`` (x, y) at any height:
         a grid of vertical lines over the rectangle, sampled through each geom's height."""
         grid = np.stack(np.meshgrid(np.linspace(-1, 1, 5), np.linspace(-1, 1, 9)), -1).reshape(-1, 2) * half
+        # only geoms whose bounding sphere can reach the rectangle (the rest cannot hold a sample)
+        near = (np.linalg.norm(self.centre[:, :2] - point[:2], axis=1)
+                <= np.linalg.norm(half) + np.linalg.norm(self.half, axis=1))
         found = []
-        for rot, centre, h, top in zip(self.rot, self.centre, self.half, self.top):
+        for rot, centre, h, top in zip(self.rot[near], self.centre[near], self.half[near], self.top[near]):
             depth = top - centre[2]
             heights = np.linspace(-depth, depth, 5)
             offsets = np.array([[*(point[:2] + xy - centre[:2]), z] for xy in grid for z in heights])
