@@ -35,6 +35,10 @@ FLAT = 0.03  # m: objects lower than this are grasped at the table
 FLAT_GRASP_HEIGHT = 0.008  # m above a flat object's bottom where its grasp closes
 HOLLOW = ("akita_black_bowl",)  # held at the rim: the fingers would close on nothing at the centre
 REACH = 0.72  # m, horizontal, from the robot's base: beyond it the arm stalls at carrying height
+# The Panda's shoulder (joint 2) to wrist (joint 6) is longest, 0.719 m, at elbow -0.47 rad; a target
+# beyond flips the elbow over to its limit (-0.07 rad), where the wrist is pinned to a 0.705 m sphere
+ARM = 0.70  # m, shoulder to wrist, at most
+WRIST = (0.07, 0.21)  # m the wrist lies nearer the base and above the eef (hand down, tilted a little)
 FINGER_CLEARANCE = 0.015  # m an outer finger needs free of things above the grasp height
 RIM_DEPTH = 0.018  # m: deepest rim grasp below the top (deeper: libero_goal task 3 4/12, not 12/12)
 CLOSE_STEPS = 13
@@ -95,13 +99,20 @@ class ScriptedExpert:
         top = self._extent(self._geoms, +1)
         return top if top is not None else float(self._obs(f"{self.obj}_pos")[2])
 
-    def _within_reach(self, xy: np.ndarray) -> np.ndarray:
-        """``xy`` pulled back toward the robot's base to at most REACH from it: a stretched-out arm
+    def _within_reach(self, xy: np.ndarray, reach: float = REACH) -> np.ndarray:
+        """``xy`` pulled back toward the robot's base to at most ``reach`` from it: a stretched-out arm
         is singular and the controller stalls there."""
         base = np.asarray(self.env.sim.data.body_xpos[self.env.sim.model.body_name2id("robot0_base")][:2])
         away = xy - base
         distance = np.linalg.norm(away)
-        return xy if distance <= REACH else base + away * (REACH / distance)
+        return xy if distance <= reach else base + away * (reach / distance)
+
+    def _arm_reach(self, z: float) -> float:
+        """How far (m, horizontally) from the base the eef goes at height ``z`` with the elbow bent
+        (longest with the wrist at the shoulder's height)."""
+        shoulder = self.env.sim.data._data.xanchor[self.env.sim.model._model.joint("robot0_joint2").id]
+        rise = z + WRIST[1] - shoulder[2]
+        return WRIST[0] + np.sqrt(max(ARM**2 - rise**2, 0.0))
 
     def _blocked(self, z: float) -> bool:
         """Whether a descent has stopped moving (it rests on something)."""
@@ -161,7 +172,8 @@ class PickPlaceExpert(ScriptedExpert):
             pos = self.env.sim.data._data.geom_xpos[self._grasp.rim]
             # above what a finger meets, and no deeper than RIM_DEPTH
             z = min(max(z, self._grasp.floor + FINGER_CLEARANCE, top - RIM_DEPTH), top - 0.01)
-        return np.array([pos[0] + self._grasp.shift, pos[1], z])
+        xy = self._within_reach(np.array([pos[0] + self._grasp.shift, pos[1]]), self._arm_reach(z))
+        return np.array([*xy, z])  # a far bowl's rim: grasped a little nearer than its middle
 
     def _target_point(self) -> tuple[np.ndarray, float]:
         """(x, y, z) of the target, and the z of its top surface."""
@@ -178,7 +190,8 @@ class PickPlaceExpert(ScriptedExpert):
         """Where the fingers go over the target: the held object's centre over the target's, pulled
         back toward the robot when that lies beyond the arm's reach (a bowl held at its far rim
         over a distant plate lands a few cm off centre instead of never arriving)."""
-        return self._within_reach(self._target_point()[0][:2] + self._held)
+        reach = min(self._arm_reach(self._lift_z), self._arm_reach(self._release_z()))
+        return self._within_reach(self._target_point()[0][:2] + self._held, max(REACH, reach))
 
     def _release_z(self) -> float:
         if self.relation == "in":
