@@ -26,7 +26,7 @@ import numpy as np
 
 from prunebench.contract.errors import PrunebenchError
 from prunebench.evaluation.libero_env import LiberoEnv
-from prunebench.training.grasp_choice import Grasp, choose_grasp
+from prunebench.training.grasp_choice import FINGER_OFFSET, Grasp, choose_grasp
 
 GAIN = 10.0  # action units per metre of position error (actions are 0.05 m per unit)
 APPROACH_HEIGHT = 0.10  # m above the grasp point
@@ -204,13 +204,13 @@ class PickPlaceExpert(ScriptedExpert):
         grip = -1.0
         target = eef
         if self.phase == "approach":
-            target = self._grasp_point() + [0, 0, APPROACH_HEIGHT]
+            target, grip = self._grasp_point() + [0, 0, APPROACH_HEIGHT], self._open_grip()
             # descend once above the object, without first hovering to a stop at approach height
             if np.linalg.norm((target - eef)[:2]) < REACHED and abs(target[2] - eef[2]) < 3 * REACHED:
                 self.phase, self.timer, self._heights = "descend", 0, []
                 self._grasps += 1
         if self.phase == "descend":
-            target = self._grasp_point()
+            target, grip = self._grasp_point(), self._open_grip()
             self.timer += 1
             # close at grasp height, or where the fingers are blocked (a policy that overshoots
             # sees the same rule in the data)
@@ -253,6 +253,18 @@ class PickPlaceExpert(ScriptedExpert):
         action[:3] = self._move(target - eef, floor=0.0 if self.phase == "close" else MIN_SPEED)
         action[6] = grip
         return action
+
+    def _open_grip(self) -> float:
+        """-1 (open), or, for a grasp that opens only part way, +-1 that keeps each pad about
+        ``opening`` from the grasp point (the gripper follows only the action's sign)."""
+        if self._grasp.opening >= FINGER_OFFSET:
+            return -1.0
+        model, data = self.env.sim.model._model, self.env.sim.data._data
+        pads = [data.geom_xpos[model.geom(f"gripper0_finger{i}_pad_collision").id][1] for i in (1, 2)]
+        # where the fingers are bound (the commanded opening): the fingers lag it by a few steps
+        lead = (data.ctrl[model.actuator("gripper0_gripper_finger_joint1").id]
+                - data.qpos[model.joint("gripper0_finger_joint1").id])
+        return 1.0 if abs(pads[0] - pads[1]) / 2 + lead > self._grasp.opening else -1.0
 
     def _dropped(self, eef: np.ndarray) -> bool:
         """Whether the held object hangs DROPPED further below the fingers than when grasped."""

@@ -6,7 +6,9 @@ The gripper never rotates and its fingers close along y. A solid object is grasp
 or shifted along x when a neighbour is in the way there (a cluttered floor). A hollow object (a
 bowl) is held at a piece of its rim where the wall runs along x, near its +y or -y extreme; the
 side nearer the robot once over the target is preferred, so the arm never reaches further than the
-target itself.
+target itself. Where a wide-open finger would land on a wall as high as the rim (a bowl in a
+drawer), the fingers open only ``NARROW_OFFSET`` either side of the rim, so they fit between the
+bowl and the wall, and the grasp is made high enough for the hand to clear what is under it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ HAND_BOTTOM = 0.022  # m: the hand's underside above the grasp point
 HAND_TOLERANCE = 0.01  # m: a rim that grazes the hand's underside does not stop a grasp
 PAD_HALF = np.array([0.01, 0.006])  # m: half a finger pad's footprint
 FINGER_OFFSET = 0.045  # m from the grasp point to each open finger, along y
+NARROW_OFFSET = 0.014  # m from a rim piece to each finger's pad when open only part way
+# a finger beside its pad, as high as a wall it passes: its body slants outward above the pad
+FINGER_HALF, FINGER_OUT = np.array([0.011, 0.012]), 0.008  # m: half its footprint; centre beyond the pad
 SHIFTS = (0.0, 0.015, -0.015, 0.03, -0.03)  # m along x where a solid object may be grasped
 RIM_ANGLE = 35.0  # degrees off the y axis where a piece of rim still runs roughly along x
 RIM_BAND = 0.015  # m: wall pieces whose top is this close to the object's top form the rim
@@ -32,6 +37,7 @@ class Grasp:
     rim: int | None  # the rim geom to follow (hollow objects), else None
     shift: float  # m along x from the object's centre (solid objects)
     floor: float  # top of what a finger lands on: a rim grasp is made above it (-inf: nothing)
+    opening: float = FINGER_OFFSET  # m from the grasp point to each finger's pad before closing
 
 
 def box(model, data, g: int) -> tuple[np.ndarray, np.ndarray]:
@@ -89,10 +95,14 @@ def choose_grasp(env, obj: str, geoms: list[int], grasp_z: float, top: float, pr
             offset = data.geom_xpos[g][:2] - centre
             off_axis = np.degrees(np.arctan2(abs(offset[0]), abs(offset[1])))
             if off_axis <= RIM_ANGLE:
-                point, side = data.geom_xpos[g], np.sign(offset[1])
-                floor = max(obstacles.tops(point + [0, side * FINGER_OFFSET, 0], PAD_HALF), default=-np.inf)
-                candidates.append((_cost(obstacles, point, grasp_z) + 0.5 * (side != preferred_side)
-                                   + off_axis / 1000, Grasp(g, 0.0, floor)))
+                point, side, opening = data.geom_xpos[g], np.sign(offset[1]), FINGER_OFFSET
+                floor = max(obstacles.tops(point + [0, side * opening, 0], PAD_HALF), default=-np.inf)
+                if floor > top - RIM_BAND:  # the open finger lands on a wall as high as the rim
+                    opening = NARROW_OFFSET  # ... and so does the hand: grasp above them both
+                    floor = max([*obstacles.tops(point + [0, side * (opening + FINGER_OUT), 0], FINGER_HALF),
+                                 *(t - HAND_BOTTOM for t in obstacles.tops(point, HAND_HALF)), -np.inf])
+                candidates.append((_cost(obstacles, point, grasp_z, opening) + 0.5 * (side != preferred_side)
+                                   + off_axis / 1000, Grasp(g, 0.0, floor, opening)))
     else:
         pos = np.asarray(env.observation[f"{obj}_pos"], dtype=np.float64)
         half_x = max(box(model, data, g)[0][0] + box(model, data, g)[1][0] for g in geoms) - pos[0]
@@ -103,8 +113,9 @@ def choose_grasp(env, obj: str, geoms: list[int], grasp_z: float, top: float, pr
     return min(candidates, key=lambda c: c[0])[1] if candidates else Grasp(None, 0.0, -np.inf)
 
 
-def _cost(obstacles: Obstacles, point: np.ndarray, grasp_z: float) -> float:
+def _cost(obstacles: Obstacles, point: np.ndarray, grasp_z: float, opening: float = FINGER_OFFSET) -> float:
     """What rises into the hand (worst) or under a finger at a grasp at ``point``, in m, weighted."""
     hand = obstacles.rise(point, HAND_HALF, grasp_z + HAND_BOTTOM + HAND_TOLERANCE)
-    fingers = max(obstacles.rise(point + [0, s * FINGER_OFFSET, 0], PAD_HALF, grasp_z) for s in (-1, 1))
+    finger = (FINGER_OUT, FINGER_HALF) if opening < FINGER_OFFSET else (0.0, PAD_HALF)
+    fingers = max(obstacles.rise(point + [0, s * (opening + finger[0]), 0], finger[1], grasp_z) for s in (-1, 1))
     return 100 * hand + 10 * fingers
