@@ -55,11 +55,11 @@ class Obstacles:
         keep = [g for g in range(model.ngeom) if model.geom_contype[g]
                 and not model.body(model.geom_bodyid[g]).name.startswith((obj, *IGNORED))
                 and model.body(model.geom_bodyid[g]).name not in SUPPORTS]
+        boxes = [box(model, data, g) for g in keep]  # world-aligned: their centres and tops
         self.rot = np.stack([data.geom_xmat[g].reshape(3, 3) for g in keep]) if keep else np.zeros((0, 3, 3))
-        self.centre = np.array([data.geom_xpos[g] + data.geom_xmat[g].reshape(3, 3) @ model.geom_aabb[g][:3]
-                                for g in keep]).reshape(-1, 3)
-        self.half = np.array([model.geom_aabb[g][3:] for g in keep]).reshape(-1, 3)
-        self.top = np.array([sum(box(model, data, g))[2] for g in keep])
+        self.centre = np.array([centre for centre, _ in boxes]).reshape(-1, 3)
+        self.half = np.array([model.geom_aabb[g][3:] for g in keep]).reshape(-1, 3)  # in the geom's frame
+        self.top = np.array([centre[2] + half[2] for centre, half in boxes])
 
     def tops(self, point: np.ndarray, half: np.ndarray) -> list[float]:
         """Top z of every geom that stands in the rectangle ``point ± half`` (x, y) at any height:
@@ -105,7 +105,7 @@ def choose_grasp(env, obj: str, geoms: list[int], grasp_z: float, top: float, pr
                                    + off_axis / 1000, Grasp(g, 0.0, floor, opening)))
     else:
         pos = np.asarray(env.observation[f"{obj}_pos"], dtype=np.float64)
-        half_x = max(box(model, data, g)[0][0] + box(model, data, g)[1][0] for g in geoms) - pos[0]
+        half_x = max(sum(box(model, data, g))[0] for g in geoms) - pos[0]  # its +x end
         for shift in SHIFTS:
             if abs(shift) <= half_x - 0.01:
                 point = pos + [shift, 0, 0]
