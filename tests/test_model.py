@@ -94,3 +94,43 @@ def test_each_suite_gets_its_own_shipped_weights(tmp_path, monkeypatch):
     assert builtin_weights("libero_spatial_extra_lan").name == "mini_oft_libero_spatial_extra.safetensors"
     with pytest.raises(PrunebenchError, match="--suite libero_goal: .*libero_object, libero_spatial"):
         builtin_weights("libero_goal")
+
+
+def _film_model(seed: int = 0) -> MiniOFT:
+    """A tiny FiLM model whose (zero-initialised) modulation has been given random weights."""
+    model = MiniOFT.random(TINY.model_copy(update={"film": True}), seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    for encoder in model.encoders:
+        for film in encoder.film:
+            film.proj.weight.data = torch.randn(film.proj.weight.shape, generator=gen) * 0.5
+    return model
+
+
+def _visual(model, obs):
+    enc = model.encode(obs)
+    return enc.embeds[0, enc.layout.visual_slots()]
+
+
+def test_film_makes_visual_tokens_depend_on_the_instruction(tmp_path, obs):
+    from tests.conftest import make_observation
+
+    other = make_observation(instruction="put the bowl on the stove")
+    plain = MiniOFT.random(TINY, seed=0)
+    assert torch.equal(_visual(plain, obs), _visual(plain, other))  # without FiLM: words reach the LLM only
+    fresh = MiniOFT.random(TINY.model_copy(update={"film": True}), seed=0)
+    assert torch.equal(_visual(fresh, obs), _visual(fresh, other))  # zero-initialised: no modulation yet
+    film = _film_model()
+    assert not torch.allclose(_visual(film, obs), _visual(film, other))
+    path = tmp_path / "film.safetensors"
+    film.save(path)
+    loaded, _ = load_model(path)
+    assert loaded.cfg.film and torch.equal(loaded.predict(other), film.predict(other))
+
+
+def test_pruning_engine_runs_a_film_model_like_its_own_forward(obs):
+    from prunebench.engine.loop import PruningEngine
+    from prunebench.plugins.manager import MANAGER
+
+    film = _film_model()
+    out = PruningEngine(film).query(MANAGER.create("none"), obs)
+    assert torch.allclose(torch.as_tensor(out.actions), film.predict(obs), atol=1e-6)

@@ -5,6 +5,7 @@ scaled down:
 
     camera views --conv patch stem--> patch tokens --GELU MLP projector--> LLM width
     proprio (8) --MLP--> 1 token
+    (optional, cfg.film: the instruction's mean word embedding scales and shifts the stem, OFT+)
     BOS | view patches ... | proprio | prompt | 56 action slots (8 x 7) | STOP
     --> transformers LlamaModel, bidirectional --> final RMSNorm
     --> read 56 hidden states one position before each action slot (OFT's shifted slice)
@@ -57,6 +58,9 @@ class MiniOFTConfig(BaseModel):
     chunk: int = 8
     rope_theta: float = 10000.0
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    # FiLM: the instruction modulates the patch stem's features (OpenVLA-OFT+). Without it a policy
+    # trained from scratch on libero_goal, one scene whose tasks differ only in words, ignored them.
+    film: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> "MiniOFTConfig":
@@ -71,8 +75,25 @@ class MiniOFTConfig(BaseModel):
         return self.image_size // self.patch_size
 
 
+class FiLM(nn.Module):
+    """Feature-wise linear modulation (Perez et al., arXiv 1709.07871): per-channel scale and shift
+    from a text vector, as OpenVLA-OFT+ conditions its vision backbone on the averaged instruction
+    embedding. Zero-initialised, so training starts from the unmodulated stem."""
+
+    def __init__(self, text_width: int, channels: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(text_width, 2 * channels)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:  # x (B,C,H,W), text (B,D)
+        scale, shift = self.proj(text)[:, :, None, None].chunk(2, dim=1)
+        return x * (1 + scale) + shift
+
+
 class ViewEncoder(nn.Module):
-    """Conv patch stem (two stride-2 convs, then a patch-sized stride) + learned positions."""
+    """Conv patch stem (two stride-2 convs, then a patch-sized stride) + learned positions; with
+    ``cfg.film`` the instruction modulates both hidden stem stages."""
 
     def __init__(self, cfg: MiniOFTConfig) -> None:
         super().__init__()
@@ -82,11 +103,18 @@ class ViewEncoder(nn.Module):
             nn.Conv2d(c, c, 4, 2, 1), nn.GELU(),
             nn.Conv2d(c, cfg.vision_width, k, k),
         )
+        self.film = nn.ModuleList(FiLM(cfg.hidden_size, c) for _ in range(2)) if cfg.film else None
         self.pos = nn.Parameter(torch.zeros(cfg.grid * cfg.grid, cfg.vision_width))
         nn.init.normal_(self.pos, std=0.02)
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:  # (B,3,H,W) -> (B, grid², width)
-        return self.stem(image).flatten(2).transpose(1, 2) + self.pos
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """(B,3,H,W) images and (B,D) instruction vectors -> (B, grid², width) patch features."""
+        x = image
+        for i, layer in enumerate(self.stem):
+            x = layer(x)
+            if self.film is not None and isinstance(layer, nn.GELU):
+                x = self.film[i // 2](x, text)
+        return x.flatten(2).transpose(1, 2) + self.pos
 
 
 class L1RegressionHead(nn.Module):
@@ -225,10 +253,12 @@ class MiniOFT(nn.Module):
         """Batched LLM input embeddings: images (B,V,3,S,S), proprio (B,8) normalised, prompt (B,P)."""
         b = images.shape[0]
         images = (images - 0.5) / 0.25  # centred pixels: image content, not brightness, drives the stem
-        patches = torch.cat([enc(images[:, i]) for i, enc in enumerate(self.encoders)], dim=1)
+        tok = self.llm.embed_tokens
+        words = prompt_ids[:, self.tokenizer.head_len:prompt_ids.shape[1] - self.tokenizer.tail_len]
+        text = tok(words).sum(1) / max(1, words.shape[1])  # mean over the instruction's words (FiLM's input)
+        patches = torch.cat([enc(images[:, i], text) for i, enc in enumerate(self.encoders)], dim=1)
         visual = self.projector(patches)
         prop = self.proprio_projector(proprio).unsqueeze(1)
-        tok = self.llm.embed_tokens
         bos = tok(torch.full((b, 1), self.tokenizer.bos, device=visual.device))
         stop = tok(torch.full((b, 1), self.tokenizer.eos, device=visual.device))
         actions = self.action_queries.expand(b, -1, -1)
