@@ -78,16 +78,19 @@ class MiniOFTConfig(BaseModel):
 class FiLM(nn.Module):
     """Feature-wise linear modulation (Perez et al., arXiv 1709.07871): per-channel scale and shift
     from a text vector, as OpenVLA-OFT+ conditions its vision backbone on the averaged instruction
-    embedding. Zero-initialised, so training starts from the unmodulated stem."""
+    embedding. Zero-initialised, so training starts from the unmodulated stem. The text vector is
+    layer-normed first: word embeddings start at std 0.02, and two instructions' means differ by one
+    word in six, too little for the modulation to grow from (a first libero_goal run without it)."""
 
     def __init__(self, text_width: int, channels: int) -> None:
         super().__init__()
+        self.norm = nn.LayerNorm(text_width)
         self.proj = nn.Linear(text_width, 2 * channels)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:  # x (B,C,H,W), text (B,D)
-        scale, shift = self.proj(text)[:, :, None, None].chunk(2, dim=1)
+        scale, shift = self.proj(self.norm(text))[:, :, None, None].chunk(2, dim=1)
         return x * (1 + scale) + shift
 
 
