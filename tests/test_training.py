@@ -143,3 +143,14 @@ def test_demo_noise_is_the_tasks_own_std_in_the_noisy_share_of_demos():
     assert 0.65 < np.mean(np.array(stds[5]) > 0) < 0.85  # about noisy_fraction of the demos
     with pytest.raises(ValueError, match="noise_per_task"):
         DemoConfig.model_validate({"noise_per_task": {"5": -0.1}})
+
+
+def test_tasks_pick_the_demonstrations_a_run_trains_on(tmp_path, capsys):
+    from prunebench.cli.main import main
+
+    cfg = tiny_config(tmp_path, tasks=[1])
+    summary = train(cfg, tmp_path / "one.safetensors", log=lambda m: None)
+    assert summary["demos"] == 3  # tasks 0 and 1 have 3 demonstrations each
+    assert train(tiny_config(tmp_path), tmp_path / "all.safetensors", log=lambda m: None)["demos"] == 6
+    code = main(["train", "--data", cfg.data, "--tasks", "1", "7", "-o", str(tmp_path / "x.safetensors")])
+    assert code == 2 and "no demonstrations of task(s) [7]" in capsys.readouterr().err

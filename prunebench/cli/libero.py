@@ -50,8 +50,8 @@ def cmd_train(args) -> int:
     from prunebench.training.checkpoint import checkpoint_path
     from prunebench.training.train import load_train_config, main_log, train
 
-    cfg = load_train_config(args.config, data=args.data, steps=args.steps, seed=args.seed,
-                            batch_size=args.batch_size, threads=args.threads)
+    cfg = load_train_config(args.config, data=args.data, tasks=args.tasks, steps=args.steps,
+                            seed=args.seed, batch_size=args.batch_size, threads=args.threads)
     ckpt = checkpoint_path(args.output)
     if ckpt.exists() and not (args.resume or args.overwrite):
         raise PrunebenchError(f"{ckpt} exists (an unfinished run of {args.output}); pass --resume to "
@@ -97,6 +97,8 @@ def add_parsers(sub) -> None:
                                    "removed once training completes.")
     p.add_argument("--config", help="TrainConfig file (YAML/JSON); flags override it")
     p.add_argument("--data", help="dataset directory from 'prunebench demos'")
+    p.add_argument("--tasks", type=non_negative_int, nargs="+",
+                   help="train on these tasks of the dataset only (default: all)")
     p.add_argument("--steps", type=int, help="optimiser steps (default 3000)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--threads", type=int, help="torch threads (default 2)")

@@ -233,8 +233,15 @@ def load_demo_config(path: str | None, **fields) -> DemoConfig:
     return load_config(DemoConfig, path, **fields)
 
 
-def demo_files(root: str | Path) -> list[Path]:
+def demo_files(root: str | Path, tasks: list[int] | None = None) -> list[Path]:
+    """The demonstrations under ``root``, of ``tasks`` only where given (each must have some)."""
     files = sorted(p for p in Path(root).glob("task*/seed*.npz") if ".tmp" not in p.name)
     if not files:
         raise PrunebenchError(f"no demonstrations under {root}; run 'prunebench demos' first")
-    return files
+    if tasks is None:
+        return files
+    by_task = {t: [p for p in files if p.parent.name == f"task{t:02d}"] for t in tasks}
+    missing = [t for t, found in by_task.items() if not found]
+    if missing:
+        raise PrunebenchError(f"tasks: no demonstrations of task(s) {missing} under {root}")
+    return sorted(p for found in by_task.values() for p in found)

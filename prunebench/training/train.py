@@ -51,6 +51,7 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     data: str = "data/demos/libero_object"
+    tasks: list[int] | None = None  # train on these tasks of the dataset only (None: all of them)
     model: dict = Field(default_factory=dict)  # MiniOFTConfig fields; {} = the built-in size
     steps: int = Field(3000, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -214,7 +215,7 @@ def train(cfg: TrainConfig, output: str | Path, log=print, resume: bool = False)
     """Train and save weights + normalisation to ``output`` (safetensors). ``resume``: continue from
     ``checkpoint_path(output)``, which must have been written with the same config."""
     output, ckpt = Path(output), checkpoint_path(output)
-    files = demo_files(cfg.data)
+    files = demo_files(cfg.data, cfg.tasks)
     config = run_config(cfg, len(files))
     state = read_checkpoint(ckpt, config) if resume else None  # a wrong config fails before any work
     torch.set_num_threads(cfg.threads)
