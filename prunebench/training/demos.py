@@ -66,8 +66,12 @@ def noise_std(cfg: DemoConfig, task_id: int, rng: np.random.Generator) -> float:
     return cfg.noise_per_task.get(task_id, cfg.noise) if rng.random() < cfg.noisy_fraction else 0.0
 
 
+def task_folder(out: Path, task_id: int) -> Path:
+    return Path(out) / f"task{task_id:02d}"
+
+
 def demo_path(out: Path, task_id: int, seed: int) -> Path:
-    return out / f"task{task_id:02d}" / f"seed{seed:07d}.npz"
+    return task_folder(out, task_id) / f"seed{seed:07d}.npz"
 
 
 def is_dataset(out: Path) -> bool:
@@ -81,7 +85,7 @@ def is_dataset(out: Path) -> bool:
 
 def existing(out: Path, task_id: int) -> tuple[int, int]:
     """(successful demos, failed attempts) already on disk for a task."""
-    folder = out / f"task{task_id:02d}"
+    folder = task_folder(out, task_id)
     return len(list(folder.glob("*.npz"))), len(list(folder.glob("*.fail")))
 
 
@@ -240,8 +244,8 @@ def demo_files(root: str | Path, tasks: list[int] | None = None) -> list[Path]:
         raise PrunebenchError(f"no demonstrations under {root}; run 'prunebench demos' first")
     if tasks is None:
         return files
-    by_task = {t: [p for p in files if p.parent.name == f"task{t:02d}"] for t in tasks}
-    missing = [t for t, found in by_task.items() if not found]
+    folders = {task_folder(root, t): t for t in tasks}
+    missing = [t for folder, t in folders.items() if not any(p.parent == folder for p in files)]
     if missing:
         raise PrunebenchError(f"tasks: no demonstrations of task(s) {missing} under {root}")
-    return sorted(p for found in by_task.values() for p in found)
+    return [p for p in files if p.parent in folders]
