@@ -27,11 +27,11 @@ def predictions() -> dict[str, list]:
 
     from prunebench.contract.strategy import Observation
     from prunebench.evaluation.libero_env import tasks
-    from prunebench.models.builtin import shipped_suites, weights_folder
+    from prunebench.models.builtin import builtin_weights, shipped_suites
     from prunebench.models.mini_oft import MiniOFT
 
     torch.set_num_threads(1)
-    models = {f"shipped {s}": MiniOFT.load(weights_folder() / f"mini_oft_{s}.safetensors")
+    models = {f"shipped {s}": MiniOFT.load(builtin_weights(s))
               for s in shipped_suites()}
     models["random default config"] = MiniOFT.random(seed=3)
     rng = np.random.default_rng(0)

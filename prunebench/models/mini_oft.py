@@ -110,8 +110,8 @@ class ViewEncoder(nn.Module):
         self.pos = nn.Parameter(torch.zeros(cfg.grid * cfg.grid, cfg.vision_width))
         nn.init.normal_(self.pos, std=0.02)
 
-    def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """(B,3,H,W) images and (B,D) instruction vectors -> (B, grid², width) patch features."""
+    def forward(self, image: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
+        """(B,3,H,W) images and (B,D) instruction vectors (None without FiLM) -> (B, grid², width)."""
         x = image
         for i, layer in enumerate(self.stem):
             x = layer(x)
@@ -257,8 +257,10 @@ class MiniOFT(nn.Module):
         b = images.shape[0]
         images = (images - 0.5) / 0.25  # centred pixels: image content, not brightness, drives the stem
         tok = self.llm.embed_tokens
-        words = prompt_ids[:, self.tokenizer.head_len:prompt_ids.shape[1] - self.tokenizer.tail_len]
-        text = tok(words).sum(1) / max(1, words.shape[1])  # mean over the instruction's words (FiLM's input)
+        text = None
+        if self.cfg.film:  # FiLM's input: the mean embedding of the instruction's words
+            words = prompt_ids[:, self.tokenizer.head_len:prompt_ids.shape[1] - self.tokenizer.tail_len]
+            text = tok(words).sum(1) / max(1, words.shape[1])
         patches = torch.cat([enc(images[:, i], text) for i, enc in enumerate(self.encoders)], dim=1)
         visual = self.projector(patches)
         prop = self.proprio_projector(proprio).unsqueeze(1)
