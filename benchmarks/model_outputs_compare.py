@@ -34,6 +34,13 @@ def predictions() -> dict[str, list]:
     models = {f"shipped {s}": MiniOFT.load(builtin_weights(s))
               for s in shipped_suites()}
     models["random default config"] = MiniOFT.random(seed=3)
+    # FiLM starts at zero (a no-op); give it weights so that its path is compared too
+    film = MiniOFT.random(MiniOFT.random().cfg.model_copy(update={"film": True}), seed=3)
+    gen = torch.Generator().manual_seed(0)
+    for name, p in film.named_parameters():
+        if ".film." in name:
+            p.data = torch.randn(p.shape, generator=gen) * 0.5
+    models["random FiLM config"] = film
     rng = np.random.default_rng(0)
     out = {}
     for name, model in models.items():

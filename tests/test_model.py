@@ -96,14 +96,20 @@ def test_each_suite_gets_its_own_shipped_weights(tmp_path, monkeypatch):
         builtin_weights("libero_goal")
 
 
-def _film_model(seed: int = 0) -> MiniOFT:
-    """A tiny FiLM model whose (zero-initialised) modulation has been given random weights."""
-    model = MiniOFT.random(TINY.model_copy(update={"film": True}), seed=seed)
+def _film_model(seed: int = 0, **paths) -> MiniOFT:
+    """A tiny model with the instruction paths (default FiLM) whose zero-initialised projections
+    have been given random weights."""
+    model = MiniOFT.random(TINY.model_copy(update=paths or {"film": True}), seed=seed)
     gen = torch.Generator().manual_seed(seed)
-    for encoder in model.encoders:
-        for film in encoder.film:
-            film.proj.weight.data = torch.randn(film.proj.weight.shape, generator=gen) * 0.5
+    for name, p in model.named_parameters():
+        if name.endswith("proj.weight"):
+            p.data = torch.randn(p.shape, generator=gen) * 0.5
     return model
+
+
+def _slots(model, obs):
+    enc = model.encode(obs)
+    return enc.embeds[0, enc.layout.row_slots("action")]
 
 
 def _visual(model, obs):
@@ -127,10 +133,28 @@ def test_film_makes_visual_tokens_depend_on_the_instruction(tmp_path, obs):
     assert loaded.cfg.film and torch.equal(loaded.predict(other), film.predict(other))
 
 
-def test_pruning_engine_runs_a_film_model_like_its_own_forward(obs):
+def test_instruction_slots_offset_the_action_slots_by_the_instruction(tmp_path, obs):
+    from tests.conftest import make_observation
+
+    other = make_observation(instruction="put the bowl on the stove")
+    plain = MiniOFT.random(TINY, seed=0)
+    assert torch.equal(_slots(plain, obs), _slots(plain, other))  # the same learned queries for every task
+    fresh = MiniOFT.random(TINY.model_copy(update={"instruction_slots": True}), seed=0)
+    assert torch.equal(fresh.predict(other), plain.predict(other))  # zero-initialised: the plain model
+    slots = _film_model(instruction_slots=True)
+    assert not torch.allclose(_slots(slots, obs), _slots(slots, other))
+    assert torch.equal(_visual(slots, obs), _visual(slots, other))  # FiLM off: the stem does not hear it
+    path = tmp_path / "slots.safetensors"
+    slots.save(path)
+    loaded, _ = load_model(path)
+    assert loaded.cfg.instruction_slots and torch.equal(loaded.predict(other), slots.predict(other))
+
+
+@pytest.mark.parametrize("paths", [{"film": True}, {"film": True, "instruction_slots": True}])
+def test_pruning_engine_runs_an_instruction_conditioned_model_like_its_own_forward(obs, paths):
     from prunebench.engine.loop import PruningEngine
     from prunebench.plugins.manager import MANAGER
 
-    film = _film_model()
-    out = PruningEngine(film).query(MANAGER.create("none"), obs)
-    assert torch.allclose(torch.as_tensor(out.actions), film.predict(obs), atol=1e-6)
+    model = _film_model(**paths)
+    out = PruningEngine(model).query(MANAGER.create("none"), obs)
+    assert torch.allclose(torch.as_tensor(out.actions), model.predict(obs), atol=1e-6)

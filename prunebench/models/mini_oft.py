@@ -5,7 +5,8 @@ scaled down:
 
     camera views --conv patch stem--> patch tokens --GELU MLP projector--> LLM width
     proprio (8) --MLP--> 1 token
-    (optional, cfg.film: the instruction's mean word embedding scales and shifts the stem, OFT+)
+    (optional, cfg.film / cfg.instruction_slots: the instruction's mean word embedding scales and
+     shifts the stem, as OFT+ does, and is added to the action slots: models/instruction.py)
     BOS | view patches ... | proprio | prompt | 56 action slots (8 x 7) | STOP
     --> transformers LlamaModel, bidirectional --> final RMSNorm
     --> read 56 hidden states one position before each action slot (OFT's shifted slice)
@@ -31,6 +32,7 @@ from prunebench.contract.layout import TokenLayout
 from prunebench.contract.model import Encoded, VLAModel
 from prunebench.contract.strategy import Observation
 from prunebench.engine.transformers_compat import forward_bidirectional, make_bidirectional
+from prunebench.models.instruction import FiLM, SlotConditioning, mean_word_embedding
 from prunebench.models.mini_oft_io import check_header, load_weights, read_header, write_file
 from prunebench.models.tokenizer import WordTokenizer
 
@@ -58,9 +60,10 @@ class MiniOFTConfig(BaseModel):
     chunk: int = 8
     rope_theta: float = 10000.0
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
-    # FiLM: the instruction modulates the patch stem's features (OpenVLA-OFT+). Without it a policy
-    # trained from scratch on libero_goal, one scene whose tasks differ only in words, ignored them.
+    # the instruction beyond the prompt tokens (models/instruction.py): FiLM on the patch stem
+    # (OpenVLA-OFT+) and an offset on the action slots' inputs
     film: bool = False
+    instruction_slots: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> "MiniOFTConfig":
@@ -73,25 +76,6 @@ class MiniOFTConfig(BaseModel):
     @property
     def grid(self) -> int:
         return self.image_size // self.patch_size
-
-
-class FiLM(nn.Module):
-    """Feature-wise linear modulation (Perez et al., arXiv 1709.07871): per-channel scale and shift
-    from a text vector, as OpenVLA-OFT+ conditions its vision backbone on the averaged instruction
-    embedding. Zero-initialised, so training starts from the unmodulated stem. The text vector is
-    layer-normed first: word embeddings start at std 0.02, and two instructions' means differ by one
-    word in six, too little for the modulation to grow from (a first libero_goal run without it)."""
-
-    def __init__(self, text_width: int, channels: int) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(text_width)
-        self.proj = nn.Linear(text_width, 2 * channels)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
-
-    def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:  # x (B,C,H,W), text (B,D)
-        scale, shift = self.proj(self.norm(text))[:, :, None, None].chunk(2, dim=1)
-        return x * (1 + scale) + shift
 
 
 class ViewEncoder(nn.Module):
@@ -167,6 +151,7 @@ class MiniOFT(nn.Module):
         # learns to ignore the instruction; learned per-slot queries break that symmetry.
         self.action_queries = nn.Parameter(torch.zeros(cfg.chunk * cfg.action_dim, d))
         nn.init.normal_(self.action_queries, std=0.02)
+        self.slot_conditioning = SlotConditioning(d, d) if cfg.instruction_slots else None
         # normalisation statistics (BOUNDS_Q99 style); set by training, saved with the weights
         self.register_buffer("action_q01", -torch.ones(cfg.action_dim))
         self.register_buffer("action_q99", torch.ones(cfg.action_dim))
@@ -258,15 +243,17 @@ class MiniOFT(nn.Module):
         images = (images - 0.5) / 0.25  # centred pixels: image content, not brightness, drives the stem
         tok = self.llm.embed_tokens
         text = None
-        if self.cfg.film:  # FiLM's input: the mean embedding of the instruction's words
-            words = prompt_ids[:, self.tokenizer.head_len:prompt_ids.shape[1] - self.tokenizer.tail_len]
-            text = tok(words).sum(1) / max(1, words.shape[1])
-        patches = torch.cat([enc(images[:, i], text) for i, enc in enumerate(self.encoders)], dim=1)
+        if self.cfg.film or self.cfg.instruction_slots:
+            text = mean_word_embedding(tok, prompt_ids, self.tokenizer.head_len, self.tokenizer.tail_len)
+        patches = torch.cat([enc(images[:, i], text if self.cfg.film else None)
+                             for i, enc in enumerate(self.encoders)], dim=1)
         visual = self.projector(patches)
         prop = self.proprio_projector(proprio).unsqueeze(1)
         bos = tok(torch.full((b, 1), self.tokenizer.bos, device=visual.device))
         stop = tok(torch.full((b, 1), self.tokenizer.eos, device=visual.device))
         actions = self.action_queries.expand(b, -1, -1)
+        if self.slot_conditioning is not None:
+            actions = actions + self.slot_conditioning(text)
         return torch.cat([bos, visual, prop, tok(prompt_ids), actions, stop], dim=1)
 
     @torch.inference_mode()
