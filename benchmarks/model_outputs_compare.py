@@ -28,19 +28,20 @@ def predictions() -> dict[str, list]:
     from prunebench.contract.strategy import Observation
     from prunebench.evaluation.libero_env import tasks
     from prunebench.models.builtin import builtin_weights, shipped_suites
-    from prunebench.models.mini_oft import MiniOFT
+    from prunebench.models.mini_oft import MiniOFT, MiniOFTConfig
 
     torch.set_num_threads(1)
     models = {f"shipped {s}": MiniOFT.load(builtin_weights(s))
               for s in shipped_suites()}
     models["random default config"] = MiniOFT.random(seed=3)
-    # FiLM starts at zero (a no-op); give it weights so that its path is compared too
-    film = MiniOFT.random(MiniOFT.random().cfg.model_copy(update={"film": True}), seed=3)
-    gen = torch.Generator().manual_seed(0)
-    for name, p in film.named_parameters():
-        if ".film." in name:
-            p.data = torch.randn(p.shape, generator=gen) * 0.5
-    models["random FiLM config"] = film
+    # the instruction paths start at zero (a no-op); give them weights so that they are compared too
+    for label, paths in (("FiLM", {"film": True}), ("FiLM+slots", {"film": True, "instruction_slots": True})):
+        model = MiniOFT.random(MiniOFTConfig(**paths), seed=3)
+        gen = torch.Generator().manual_seed(0)
+        for name, p in model.named_parameters():
+            if name.endswith("proj.weight"):
+                p.data = torch.randn(p.shape, generator=gen) * 0.5
+        models[f"random {label} config"] = model
     rng = np.random.default_rng(0)
     out = {}
     for name, model in models.items():

@@ -56,8 +56,5 @@ class FiLM(_ZeroInitProjection):
 class SlotConditioning(_ZeroInitProjection):
     """The (B, D) instruction vector as a (B, 1, hidden) offset for every action slot's input."""
 
-    def __init__(self, text_width: int, hidden: int) -> None:
-        super().__init__(text_width, hidden)
-
     def forward(self, text: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return super().forward(text).unsqueeze(1)

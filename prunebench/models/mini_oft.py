@@ -95,7 +95,7 @@ class ViewEncoder(nn.Module):
         nn.init.normal_(self.pos, std=0.02)
 
     def forward(self, image: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
-        """(B,3,H,W) images and (B,D) instruction vectors (None without FiLM) -> (B, grid², width)."""
+        """(B,3,H,W) images and (B,D) instruction vectors (read only with FiLM) -> (B, grid², width)."""
         x = image
         for i, layer in enumerate(self.stem):
             x = layer(x)
@@ -245,8 +245,7 @@ class MiniOFT(nn.Module):
         text = None
         if self.cfg.film or self.cfg.instruction_slots:
             text = mean_word_embedding(tok, prompt_ids, self.tokenizer.head_len, self.tokenizer.tail_len)
-        patches = torch.cat([enc(images[:, i], text if self.cfg.film else None)
-                             for i, enc in enumerate(self.encoders)], dim=1)
+        patches = torch.cat([enc(images[:, i], text) for i, enc in enumerate(self.encoders)], dim=1)
         visual = self.projector(patches)
         prop = self.proprio_projector(proprio).unsqueeze(1)
         bos = tok(torch.full((b, 1), self.tokenizer.bos, device=visual.device))
