@@ -7,6 +7,7 @@ only a slice of the ranked run).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from prunebench.contract.layout import TokenLayout
@@ -139,15 +140,18 @@ def _farthest_points(candidates: torch.Tensor, features: torch.Tensor, groups: t
     # a chosen candidate is never chosen again: its own "distance" -1 (cosine distances are >= 0)
     # marks it in the same minimum that takes it into account
     dist.fill_diagonal_(-1.0)
-    picks = [pick]
+    # the picks run in NumPy on the host: a NumPy call on a (groups x candidates) array costs a
+    # fraction of a tensor op's dispatch, and the keep-set is needed on the host anyway
+    dist_np, closest_np, pick_np = dist.cpu().numpy(), closest.cpu().numpy(), pick.cpu().numpy()
+    picks = [pick_np]
     for _ in range(1, int(k[filtering].max())):
-        closest = torch.minimum(closest, dist[pick])
-        pick = closest.argmax(dim=1)  # first on ties
-        picks.append(pick)
+        np.minimum(closest_np, dist_np[pick_np], out=closest_np)
+        pick_np = closest_np.argmax(axis=1)  # first on ties, as torch.argmax
+        picks.append(pick_np)
     # the first k[g] picks of every group that needs filtering; the others keep every candidate
     wanted = (torch.arange(len(picks))[:, None] < k) & filtering
     chosen = ~filtering[groups]
-    chosen[torch.stack(picks)[wanted]] = True
+    chosen[torch.from_numpy(np.stack(picks))[wanted]] = True
     return torch.sort(candidates[chosen]).values
 
 
