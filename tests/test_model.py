@@ -18,7 +18,7 @@ def test_save_load_round_trip(tmp_path, tiny_model, obs):
     tiny_model.action_q01.fill_(-1.0)
 
 
-@pytest.mark.parametrize("suite", ["libero_object", "libero_spatial"])
+@pytest.mark.parametrize("suite", ["libero_object", "libero_spatial", "libero_goal"])
 def test_shipped_policy_loads_offline_with_its_normalisation_and_card(suite):
     import json
     from pathlib import Path
