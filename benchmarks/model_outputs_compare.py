@@ -39,7 +39,9 @@ def predictions() -> dict[str, list]:
         model = MiniOFT.random(MiniOFTConfig(**paths), seed=3)
         gen = torch.Generator().manual_seed(0)
         for name, p in model.named_parameters():
-            if name.endswith("proj.weight"):
+            # only the instruction paths' projections (the LLM's q/k/v/o and MLP projections keep
+            # their initialisation)
+            if name.endswith("proj.weight") and (".film." in name or name.startswith("slot_conditioning.")):
                 p.data = torch.randn(p.shape, generator=gen) * 0.5
         models[f"random {label} config"] = model
     rng = np.random.default_rng(0)

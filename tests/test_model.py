@@ -102,7 +102,9 @@ def _film_model(seed: int = 0, **paths) -> MiniOFT:
     model = MiniOFT.random(TINY.model_copy(update=paths or {"film": True}), seed=seed)
     gen = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
-        if name.endswith("proj.weight"):
+        # only the instruction paths' projections (the LLM's q/k/v/o and MLP projections keep
+        # their initialisation)
+        if name.endswith("proj.weight") and (".film." in name or name.startswith("slot_conditioning.")):
             p.data = torch.randn(p.shape, generator=gen) * 0.5
     return model
 
