@@ -1,11 +1,12 @@
 """Where a strategy's overhead goes: a cProfile of its queries minus the dense queries'.
 
 Runs the same SyntheticStream queries through the engine dense and with one strategy, each under
-cProfile, and prints per query (pruned queries only, as op_count.py counts them) the extra time
-by area (engine, contract, strategy plugin, model, torch ops, the rest) and the functions whose
-own time grew most. cProfile slows Python code more than the C++ kernels it calls, so read shares
-and rankings, not milliseconds; engine.py is the timing. Time is this process's CPU time, so
-another job on the machine slows it less than a wall clock.
+cProfile, the two alternating query by query, and prints per query (pruned queries only, as
+op_count.py counts them) the extra time by area (engine, contract, strategy plugin, model, C
+built-ins, the rest) and the functions whose own time grew most. cProfile slows Python code more
+than the C++ kernels it calls, so read shares and rankings, not milliseconds; engine.py is the
+timing. Time is this process's CPU time, so another job on the machine disturbs it less than a
+wall clock would (but still does).
 
     python benchmarks/overhead_profile.py random --set keep_ratio=0.5
     python benchmarks/overhead_profile.py specprune-vla --top 20 --shape llm-heavy
@@ -18,23 +19,26 @@ import cProfile
 import pstats
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
+from engine import LLM_HEAVY  # benchmarks/engine.py's LLM-heavy shape: one definition
 
+import prunebench
+import prunebench.strategies
 from prunebench.engine.loop import PruningEngine
-from prunebench.evaluation.runner import run_stream
+from prunebench.evaluation.runner import run_interleaved
 from prunebench.evaluation.streams import SyntheticStream
 from prunebench.models import load_model
 from prunebench.models.mini_oft import MiniOFT
 from prunebench.plugins.manager import MANAGER
 from prunebench.runtime.inputs import parse_overrides
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine import LLM_HEAVY  # noqa: E402  (engine.py's LLM-heavy shape: one definition)
-
-REPO = Path(__file__).resolve().parents[1]
+# where the imported code lives (an editable install maps prunebench.strategies to strategies/)
+PACKAGE = Path(prunebench.__file__).resolve().parent
+STRATEGIES = Path(prunebench.strategies.__file__).resolve().parent
+DENSE_ROW = "dense"
 
 
 def area(filename: str) -> str:
@@ -42,10 +46,10 @@ def area(filename: str) -> str:
     if filename == "~":
         return "torch ops and builtins (C)"
     path = Path(filename).resolve()
-    if REPO / "strategies" in path.parents:
+    if STRATEGIES in path.parents:
         return "strategy plugin"
     for part in ("engine", "contract", "models"):
-        if REPO / "prunebench" / part in path.parents:
+        if PACKAGE / part in path.parents:
             return f"prunebench/{part}"
     if "torch" in path.parts:
         return "torch (Python)"
@@ -54,33 +58,43 @@ def area(filename: str) -> str:
     return "other Python"
 
 
-def profile(engine: PruningEngine, name: str, config: dict, stream, seed: int) -> tuple[dict, int]:
-    """Own time in s per function summed over the counted queries, and how many were counted."""
-    totals: list[pstats.Stats] = []
+def profile_interleaved(engine: PruningEngine, strategies: dict, stream, warmup: int,
+                        seed: int) -> dict[str, tuple[dict, int]]:
+    """Per strategy name: own time in s per function summed over its counted queries, and how many
+    were counted. The strategies' queries alternate in shuffled order (``run_interleaved``), so a
+    change of machine load hits them alike; each one's first ``warmup`` queries are not counted."""
+    names = {id(strategy): name for name, strategy in strategies.items()}
+    totals: dict[str, list[pstats.Stats]] = {name: [] for name in strategies}
+    seen: Counter = Counter()
     query = engine.query
 
-    def profiled(*args, **kwargs):
-        profiler = cProfile.Profile(time.process_time)  # CPU time: robust to other jobs
+    def profiled(strategy, *args, **kwargs):
+        profiler = cProfile.Profile(time.process_time)  # CPU time: less sensitive to other jobs
         profiler.enable()
-        result = query(*args, **kwargs)
+        result = query(strategy, *args, **kwargs)
         profiler.disable()
-        # a dense warm-up or a first query without an earlier frame is not counted
-        if name == "none" or not result.record.dense and result.record.stages:
-            totals.append(pstats.Stats(profiler))
+        name = names[id(strategy)]
+        seen[name] += 1
+        # as op_count.py counts: pruned queries only, not a dense warm-up nor a first query
+        # without an earlier frame
+        if seen[name] > warmup and (name == DENSE_ROW or not result.record.dense and result.record.stages):
+            totals[name].append(pstats.Stats(profiler))
         return result
 
     engine.query = profiled
     try:
-        run_stream(engine, MANAGER.create(name, config), stream, seed=seed)
+        run_interleaved(engine, strategies, stream, seed=seed)
     finally:
         del engine.query
-    if not totals:
-        raise SystemExit(f"{name}: no pruned query to profile in {len(stream)} queries")
-    merged = totals[0]
-    for stats in totals[1:]:
-        merged.add(stats)
-    # pstats: {(file, line, function): (primitive calls, calls, own time, cumulative, callers)}
-    return {key: value[2] for key, value in merged.stats.items()}, len(totals)
+    out = {}
+    for name, stats in totals.items():
+        if not stats:
+            raise SystemExit(f"{name}: no pruned query to profile in {len(stream)} queries")
+        for more in stats[1:]:
+            stats[0].add(more)
+        # pstats: {(file, line, function): (primitive calls, calls, own time, cumulative, callers)}
+        out[name] = ({key: value[2] for key, value in stats[0].stats.items()}, len(stats))
+    return out
 
 
 def main(argv=None) -> int:
@@ -89,7 +103,8 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a strategy config field (JSON value), e.g. keep_ratio=0.5")
     parser.add_argument("--shape", choices=["shipped", "llm-heavy"], default="shipped")
-    parser.add_argument("--queries", type=int, default=40)
+    parser.add_argument("--queries", type=int, default=44)
+    parser.add_argument("--warmup", type=int, default=4, help="first queries of each, not counted")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--top", type=int, default=12)
     args = parser.parse_args(argv)
@@ -98,9 +113,10 @@ def main(argv=None) -> int:
     model = MiniOFT.random(LLM_HEAVY, seed=0) if args.shape == "llm-heavy" else load_model()[0]
     engine = PruningEngine(model)
     stream = list(SyntheticStream(n_queries=args.queries, seed=args.seed, image_size=model.cfg.image_size))
-    run_stream(engine, MANAGER.create("none", {}), stream[:4], seed=args.seed)  # warm-up
-    dense, n_dense = profile(engine, "none", {}, stream, args.seed)
-    pruned, n_pruned = profile(engine, args.strategy, config, stream, args.seed)
+    profiles = profile_interleaved(engine, {DENSE_ROW: MANAGER.create("none", {}),
+                                            args.strategy: MANAGER.create(args.strategy, config)},
+                                   stream, args.warmup, args.seed)
+    (dense, n_dense), (pruned, n_pruned) = profiles[DENSE_ROW], profiles[args.strategy]
     extra = {key: pruned.get(key, 0.0) / n_pruned - dense.get(key, 0.0) / n_dense for key in {*dense, *pruned}}
     dense_ms, pruned_ms = 1e3 * sum(dense.values()) / n_dense, 1e3 * sum(pruned.values()) / n_pruned
     print(f"{args.strategy} {config or '(paper defaults)'}, {args.shape} model, 1 thread, under cProfile: "
