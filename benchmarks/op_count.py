@@ -40,6 +40,13 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def is_counted(result, dense_run: bool) -> bool:
+    """Whether a query counts toward a strategy's overhead: every query of the dense run, otherwise
+    pruned queries only (not VLA-Pruner's dense warm-up nor SpecPrune-VLA's first query, which has
+    no earlier frame)."""
+    return dense_run or not result.record.dense and bool(result.record.stages)
+
+
 def count(engine: PruningEngine, name: str, config: dict, stream, seed: int) -> tuple[float, Counter, int]:
     """Mean aten calls per counted query, the summed op counter, and how many queries counted."""
     per_query: list[Counter] = []
@@ -48,7 +55,7 @@ def count(engine: PruningEngine, name: str, config: dict, stream, seed: int) -> 
     def counted(*args, **kwargs):
         with OpCounter() as counter:
             result = query(*args, **kwargs)
-        if name == "none" or not result.record.dense and result.record.stages:
+        if is_counted(result, dense_run=name == "none"):
             per_query.append(counter.ops)
         return result
 

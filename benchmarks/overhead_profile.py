@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 from engine import LLM_HEAVY  # benchmarks/engine.py's LLM-heavy shape: one definition
+from op_count import is_counted  # the same queries op_count.py counts
 
 import prunebench
 import prunebench.strategies
@@ -75,9 +76,7 @@ def profile_interleaved(engine: PruningEngine, strategies: dict, stream, warmup:
         profiler.disable()
         name = names[id(strategy)]
         seen[name] += 1
-        # as op_count.py counts: pruned queries only, not a dense warm-up nor a first query
-        # without an earlier frame
-        if seen[name] > warmup and (name == DENSE_ROW or not result.record.dense and result.record.stages):
+        if seen[name] > warmup and is_counted(result, dense_run=name == DENSE_ROW):
             totals[name].append(pstats.Stats(profiler))
         return result
 
