@@ -61,3 +61,20 @@ def test_obstacle_prefilter_skips_only_geoms_that_cannot_stand_in_the_rectangle(
         assert [obstacles.tops(point, half) for point, half in queries] == expected
     finally:
         env.close()
+
+
+def test_a_bowl_is_grasped_wide_open_where_either_side_of_its_rim_allows_it():
+    """libero_spatial task 1's bowl stands next to the ramekin, whose wall a wide-open finger would
+    meet on the preferred side of the rim: the expert grasps the other side wide open rather than
+    servo the gripper to a narrow opening, which a policy whose gripper is read out by sign does
+    not learn (29 of 50 such demonstrations made the policy trained on them fail 49 of 50 episodes)."""
+    from prunebench.training.demos import SEEDS_PER_TASK
+    from prunebench.training.expert import make_expert
+    from prunebench.training.grasp_choice import FINGER_OFFSET
+
+    env = LiberoEnv("libero_spatial", 1, render_quality="fast", hard_reset=True)
+    try:
+        env.reset_sampled(1 * SEEDS_PER_TASK)  # the first demonstration's state: narrow before the fix
+        assert make_expert(env)._grasp.opening == FINGER_OFFSET
+    finally:
+        env.close()

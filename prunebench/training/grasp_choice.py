@@ -8,7 +8,10 @@ bowl) is held at a piece of its rim where the wall runs along x, near its +y or 
 side nearer the robot once over the target is preferred, so the arm never reaches further than the
 target itself. Where a wide-open finger would land on a wall as high as the rim (a bowl in a
 drawer), the fingers open only ``NARROW_OFFSET`` either side of the rim, so they fit between the
-bowl and the wall, and the grasp is made high enough for the hand to clear what is under it.
+bowl and the wall, and the grasp is made high enough for the hand to clear what is under it. That
+narrow opening is held by servoing the gripper (it follows only the sign of its action), which a
+policy whose gripper is read out by sign does not learn, so it is the last resort: a wide grasp on
+the other side of the rim wins even where that side is not the preferred one.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ FINGER_HALF, FINGER_OUT = np.array([0.011, 0.012]), 0.008  # m: half its footpri
 SHIFTS = (0.0, 0.015, -0.015, 0.03, -0.03)  # m along x where a solid object may be grasped
 RIM_ANGLE = 35.0  # degrees off the y axis where a piece of rim still runs roughly along x
 RIM_BAND = 0.015  # m: wall pieces whose top is this close to the object's top form the rim
+SIDE_COST = 0.5  # the cost of grasping a rim on the side not preferred
+NARROW_COST = 1.0  # the cost of a narrow opening: more than the side's (see the module's docstring)
 IGNORED = ("robot", "gripper", "mount")  # bodies that are never in the way
 SUPPORTS = ("table", "floor", "world")  # what everything stands on
 
@@ -101,8 +106,9 @@ def choose_grasp(env, obj: str, geoms: list[int], grasp_z: float, top: float, pr
                     opening = NARROW_OFFSET  # ... and so does the hand: grasp above them both
                     floor = max([*obstacles.tops(point + [0, side * (opening + FINGER_OUT), 0], FINGER_HALF),
                                  *(t - HAND_BOTTOM for t in obstacles.tops(point, HAND_HALF)), -np.inf])
-                candidates.append((_cost(obstacles, point, grasp_z, opening) + 0.5 * (side != preferred_side)
-                                   + off_axis / 1000, Grasp(g, 0.0, floor, opening)))
+                candidates.append((_cost(obstacles, point, grasp_z, opening) + SIDE_COST * (side != preferred_side)
+                                   + NARROW_COST * (opening < FINGER_OFFSET) + off_axis / 1000,
+                                   Grasp(g, 0.0, floor, opening)))
     else:
         pos = np.asarray(env.observation[f"{obj}_pos"], dtype=np.float64)
         half_x = max(sum(box(model, data, g))[0] for g in geoms) - pos[0]  # its +x end
