@@ -257,6 +257,23 @@ def test_gpu_benchmark_script_runs_at_toy_width(tmp_path):
     assert random_row["mean_visual_tokens"] == 256 and random_row["flops_ideal_speedup"] > 1.5
 
 
+
+def test_gpu_profile_script_runs_at_toy_width(tmp_path, monkeypatch):
+    """benchmarks/gpu_profile.py profiles the 7B shape's queries on a GPU; --smoke runs it on the CPU."""
+    from pathlib import Path
+
+    benchmarks = Path(__file__).parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(benchmarks))
+    import gpu_profile
+
+    out = tmp_path / "profile.json"
+    assert gpu_profile.main(["--smoke", "--queries", "1", "--warmup", "1", "--strategies", "none", "fastv",
+                             "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [r["strategy"] for r in report["rows"]] == ["none", "fastv"]
+    assert all(r["wall_ms"] > 0 and r["top_host_ops"] for r in report["rows"])
+    assert report["vision"]["image_pipeline_ms"] > 0
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_a_gpu_in_bfloat16_every_strategy_runs_and_dense_matches_the_own_forward(checkpoint, oft_obs):
