@@ -65,60 +65,35 @@ class QueryRecord(BaseModel):
 
 
 class StageTimer:
-    """Accumulates time per stage name; ``with timer("llm"): ...``.
+    """Accumulates wall time per stage name; ``with timer("llm"): ...``.
 
-    ``cuda``: the spans are timed with CUDA events recorded on the current stream, so the host never
-    waits for the device at a stage boundary (a wait there would stop the host from queueing the
-    next kernels while the GPU works, and would cost more than many stages save). A span then
-    measures the GPU timeline from its first to its last event: the GPU work it launched, plus any
-    host work the GPU had to wait for. The events are read once, when the times are asked for
-    (``ms`` or ``total()``), after the last one completed. Without ``cuda`` the spans are
-    ``time.perf_counter`` intervals."""
+    ``sync`` (e.g. torch.cuda.synchronize) runs at every stage boundary, so that asynchronous GPU
+    work is charged to the stage that launched it."""
 
-    def __init__(self, cuda: bool = False) -> None:
-        self.cuda = cuda
+    def __init__(self, sync=None) -> None:
+        self.ms = {name: 0.0 for name in STAGES}
+        self.sync = sync or (lambda: None)
         self.cpu_ms: float | None = None  # set by total(): CPU time of this thread over the query
-        self._spans: list[tuple[str, str | None, object, object]] = []  # stage, moved_from, start, end
         self._cpu_start = time.thread_time()
         self._start = time.perf_counter()
-
-    def _mark(self):
-        if not self.cuda:
-            return time.perf_counter()
-        import torch
-
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def _elapsed_ms(self, start, end) -> float:
-        return start.elapsed_time(end) if self.cuda else (end - start) * 1e3
 
     @contextmanager
     def __call__(self, stage: str, moved_from: str | None = None):
         """Charge the span to ``stage``; ``moved_from``: the span lies inside that stage's own span,
         which gives it up (e.g. signals computed inside a layer call are overhead, not LLM time)."""
-        start = self._mark()
+        self.sync()
+        t0 = time.perf_counter()
         try:
             yield
         finally:
-            self._spans.append((stage, moved_from, start, self._mark()))
-
-    @property
-    def ms(self) -> dict[str, float]:
-        """Milliseconds per stage (on CUDA: waits for the last span's end on the device)."""
-        if self.cuda and self._spans:
-            self._spans[-1][3].synchronize()
-        out = {name: 0.0 for name in STAGES}
-        for stage, moved_from, start, end in self._spans:
-            ms = self._elapsed_ms(start, end)
-            out[stage] = out.get(stage, 0.0) + ms
+            self.sync()
+            ms = (time.perf_counter() - t0) * 1e3
+            self.ms[stage] = self.ms.get(stage, 0.0) + ms
             if moved_from is not None:
-                out[moved_from] = out.get(moved_from, 0.0) - ms
-        return out
+                self.ms[moved_from] = self.ms.get(moved_from, 0.0) - ms
 
     def total(self) -> dict[str, float]:
-        out = self.ms  # on CUDA: after the device finished the query's last span
+        out = dict(self.ms)
         out["total"] = (time.perf_counter() - self._start) * 1e3
         self.cpu_ms = (time.thread_time() - self._cpu_start) * 1e3  # this thread's CPU time, same span
         return out

@@ -10,7 +10,7 @@ and time per stage.
 On a GPU the loop waits for the device only where a removal needs values on the host (the signals
 a stage scores with, the strategy's keep-set) and for the actions at the end; index tensors go to
 the device without waiting, and signal values stay there until a stage or ``on_forward_end`` reads
-them. (On a GPU the stage timer records CUDA events at stage boundaries instead of waiting there.)
+them. (The stage timer synchronises at stage boundaries to charge GPU time to the right stage.)
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class PruningEngine:
     @torch.inference_mode()
     def query(self, strategy: Strategy, obs: Observation, *, query_index: int = 0, step_index: int = 0,
               seed: int = 0, frames=(), eef_history=(), actions_since_last_query=()) -> QueryResult:
-        timer = StageTimer(cuda=self.device.type == "cuda")
+        timer = StageTimer(sync=torch.cuda.synchronize if self.device.type == "cuda" else None)
         with timer("vision"):
             enc = self.model.encode(obs)
         layout = enc.layout
@@ -188,7 +188,7 @@ class PruningEngine:
         def cached_keys(index: int):
             """Stores what layer ``index`` computes in the cache, and appends the reused tokens'
             cached keys and values to those it attends to. Device work inside the layer, charged to
-            the LLM like the rest of the layer."""
+            the LLM like the rest of the layer (no timer: it would wait for the GPU twice a layer)."""
             positions = layout.positions
             reused_positions = reused + layout.visual_start
             if reused.numel():
@@ -220,7 +220,8 @@ class PruningEngine:
             with timer("overhead"):
                 h = apply(stages[BEFORE_LLM], h)
         pos_ids = self._position_ids(layout, recompact, h.device)
-        # one span for the decoder; signals and stages inside it are charged to overhead
+        # one span for the decoder (the timer syncs a GPU at its boundaries, not at every layer);
+        # signals and stages inside it are charged to overhead
         with timer("llm"):
             for index, layer in enumerate(self.llm.layers):
                 wanted = attention_at.get(index)
