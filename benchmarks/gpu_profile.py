@@ -21,7 +21,6 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 from gpu_oft7b import INSTRUCTION, OVERRIDES, oft7b
@@ -29,8 +28,10 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from prunebench.engine.loop import PruningEngine
+from prunebench.evaluation.results import write_text
 from prunebench.evaluation.runner import StreamRunner
 from prunebench.evaluation.streams import SyntheticStream
+from prunebench.evaluation.versions import environment
 from prunebench.models.oft_tiny import build_tiny_oft
 from prunebench.plugins.dense import DENSE
 from prunebench.plugins.manager import MANAGER
@@ -112,8 +113,10 @@ def main(argv=None) -> int:
     engine = PruningEngine(model)
     items = list(SyntheticStream(n_queries=args.warmup + args.queries, image_size=256, instruction=INSTRUCTION))
     rows = [profile_strategy(engine, n, items, args.warmup, device) for n in args.strategies]
-    report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)", "rows": rows,
-              "vision": vision_split(model, items[0], device)}  # on the warm model
+    report = {"command": " ".join([sys.executable, *sys.argv]),
+              "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)",
+              "queries": args.queries, "warmup": args.warmup, "environment": environment(str(engine.device)),
+              "rows": rows, "vision": vision_split(model, items[0], device)}  # on the warm model
     print(f"\n{report['device']}, under the profiler: per query, medians of wall, means of the rest")
     print(f"{'strategy':14} {'wall ms':>8} {'kernel ms':>9} {'GPU busy':>8} {'launches':>8} "
           f"{'syncs':>6} {'copies':>6} {'sync wait ms':>12}")
@@ -126,8 +129,7 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['strategy']}: top host ops (ms/query, calls/query): {r['top_host_ops'][:5]}")
         print(f"{r['strategy']}: top device ops (ms/query, calls/query): {r['top_device_ops'][:8]}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1))
+    write_text(args.out, json.dumps(report, indent=1))
     print(f"wrote {args.out}")
     return 0
 

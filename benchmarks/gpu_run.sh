@@ -15,8 +15,9 @@ site=/tmp/site
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
 # prunebench is installed (not put on PYTHONPATH): the built-in strategies live in strategies/ and
 # exist as prunebench.strategies only once installed (pyproject.toml's package-dir)
+# (setuptools' deprecation notices go to install.log, shown only if the install fails)
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade --target "$site" . \
-    2>"$out/install.log"  # setuptools prints deprecation notices there
+    2>"$out/install.log" || { cat "$out/install.log"; exit 1; }
 # run from a copy of benchmarks/ and tests/, so that the source tree's prunebench/ cannot shadow it
 work=$(mktemp -d)
 cp -r benchmarks tests pyproject.toml "$work"
