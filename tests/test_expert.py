@@ -78,3 +78,38 @@ def test_a_bowl_is_grasped_wide_open_where_either_side_of_its_rim_allows_it():
         assert make_expert(env)._grasp.opening == FINGER_OFFSET
     finally:
         env.close()
+
+
+def test_shuffled_placements_permute_the_loose_objects_and_keep_each_ones_height():
+    """Demos with ``shuffle_fraction`` start from a scene whose loose floor objects swapped places
+    (so the named object is not always where the task's layout puts it); the goal's basket stays,
+    and a table scene, whose objects stand on fixtures of their own, refuses."""
+    import numpy as np
+
+    from prunebench.contract.errors import PrunebenchError
+
+    env = LiberoEnv("libero_object", 0, render_quality="fast", hard_reset=True)
+    try:
+        env.reset_sampled(7)
+        objects = env.env.env.objects_dict
+        before = {n: env.sim.data.get_joint_qpos(o.joints[-1]).copy() for n, o in objects.items()}
+        order = env.shuffle_placements(np.random.default_rng(3))
+        after = {n: env.sim.data.get_joint_qpos(o.joints[-1]).copy() for n, o in objects.items()}
+        assert "basket_1" not in order and "alphabet_soup_1" in order and len(order) == 6
+        np.testing.assert_array_equal(after["basket_1"], before["basket_1"])
+        initial = env.env.env.parsed_problem["initial_state"]
+        old_places = [obj for _, obj, _ in initial if obj in order]  # the order the method permutes
+        assert sorted(old_places) == sorted(order) and order != old_places
+        for place, name in zip(old_places, order):  # `name` now stands where `place` stood
+            np.testing.assert_allclose(after[name][:2], before[place][:2])
+            np.testing.assert_allclose(after[name][2:], before[name][2:])
+        np.testing.assert_allclose(env.observation["alphabet_soup_1_pos"][:2], after["alphabet_soup_1"][:2])
+    finally:
+        env.close()
+    table = LiberoEnv("libero_spatial", 0, render_quality="fast", hard_reset=True)
+    try:
+        table.reset_sampled(7)
+        with pytest.raises(PrunebenchError, match="floor"):
+            table.shuffle_placements(np.random.default_rng(3))
+    finally:
+        table.close()

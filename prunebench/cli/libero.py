@@ -31,7 +31,7 @@ def cmd_demos(args) -> int:
 
     cfg = load_demo_config(args.config, suite=args.suite, tasks=args.tasks, per_task=args.per_task,
                            noise=args.noise, render_every=args.render_every, workers=args.workers,
-                           seed_offset=args.seed_offset)
+                           seed_offset=args.seed_offset, shuffle_fraction=args.shuffle_fraction)
     out = Path(args.output)
     # resumable: a dataset of ours is continued, but generate() writes config.json and
     # manifest.json, which would destroy a user's files of those names in any other folder
@@ -84,6 +84,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--render-every", type=int, help="keep camera frames every k-th step (default 3)")
     p.add_argument("--workers", type=int, help="parallel processes (default 2)")
     p.add_argument("--seed-offset", type=int, help="shift the env seeds (a different dataset)")
+    p.add_argument("--shuffle-fraction", type=float,
+                   help="share of demos in which the floor scene's loose objects swap places first, so "
+                        "that the policy must find the named object (libero_object; default 0)")
     p.add_argument("-o", "--output", default="data/demos/libero_object",
                    help="dataset directory: new, empty, or a dataset to resume (any other non-empty "
                         "directory is refused)")

@@ -46,6 +46,9 @@ class DemoConfig(BaseModel):
     noise_per_task: dict[int, Annotated[float, Field(ge=0)]] = {}
     noise_hold: int = Field(4, ge=1)  # steps each noise sample is held (correlated pushes)
     noisy_fraction: float = Field(0.75, ge=0, le=1)  # share of demos with noise (rest are clean)
+    # share of demos whose loose objects swap places first (LiberoEnv.shuffle_placements), so that
+    # the named object is not always in the same place: a policy must find it in the image
+    shuffle_fraction: float = Field(0.0, ge=0, le=1)
     render_every: int = Field(3, ge=1)  # camera frames every k-th step (training samples)
     camera_size: int = Field(128, ge=16)
     render_quality: Literal["stock", "fast"] = "fast"
@@ -111,6 +114,10 @@ class DemoMaker:
         rng = np.random.default_rng(seed)
         noise = noise_std(cfg, task_id, rng)
         state = env.reset_sampled(seed)
+        placement = []  # the shuffled objects, in their old places' order; [] = as sampled
+        shuffle_rng = np.random.default_rng([seed, 1])  # its own stream: the noise stays as it was
+        if shuffle_rng.random() < cfg.shuffle_fraction:
+            placement = env.shuffle_placements(shuffle_rng)  # before the wait steps that settle it
         for _ in range(WAIT_STEPS):
             state = env.step(WAIT_ACTION)
         expert = goal_expert(env) or make_expert(env)
@@ -140,7 +147,7 @@ class DemoMaker:
                 "actions": np.asarray(intended, dtype=np.float32),
                 "executed": np.asarray(executed, dtype=np.float32),
                 "instruction": np.asarray(env.task.instruction), "task_id": np.asarray(task_id),
-                "seed": np.asarray(seed), "noise": np.asarray(noise),
+                "seed": np.asarray(seed), "noise": np.asarray(noise), "placement": np.asarray(placement, dtype=str),
                 "views": np.asarray(list(env.views))}
 
 
