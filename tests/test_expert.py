@@ -87,13 +87,14 @@ def test_shuffled_placements_permute_the_loose_objects_and_keep_each_ones_height
     import numpy as np
 
     from prunebench.contract.errors import PrunebenchError
+    from prunebench.training.placements import shuffle_placements
 
     env = LiberoEnv("libero_object", 0, render_quality="fast", hard_reset=True)
     try:
         env.reset_sampled(7)
         objects = env.env.env.objects_dict
         before = {n: env.sim.data.get_joint_qpos(o.joints[-1]).copy() for n, o in objects.items()}
-        order = env.shuffle_placements(np.random.default_rng(3))
+        order = shuffle_placements(env, np.random.default_rng(3))
         after = {n: env.sim.data.get_joint_qpos(o.joints[-1]).copy() for n, o in objects.items()}
         assert "basket_1" not in order and "alphabet_soup_1" in order and len(order) == 6
         np.testing.assert_array_equal(after["basket_1"], before["basket_1"])
@@ -110,6 +111,6 @@ def test_shuffled_placements_permute_the_loose_objects_and_keep_each_ones_height
     try:
         table.reset_sampled(7)
         with pytest.raises(PrunebenchError, match="floor"):
-            table.shuffle_placements(np.random.default_rng(3))
+            shuffle_placements(table, np.random.default_rng(3))
     finally:
         table.close()

@@ -257,32 +257,9 @@ class LiberoEnv:
         self._apply_render_quality()
         return self._state(False)
 
-    def shuffle_placements(self, rng: np.random.Generator) -> list[str]:
-        """Permute where the floor scene's loose objects stand (each keeps its own height and
-        orientation) and settle the scene; returns the objects in their old places' order, i.e.
-        ``result[i]`` now stands where the i-th of them stood. For training demonstrations in which
-        the named object is not always in the same place (LIBERO-PRO's ``_swap`` variants exchange
-        two of these positions). Only objects that start on a region of the floor are moved, never
-        the goal's container, so libero_object's scenes shuffle and table scenes raise."""
-        problem = self.env.env.parsed_problem
-        goal_targets = {arg for _, *args in problem["goal_state"] for arg in args[1:]}
-        names = [obj for _, obj, region in problem["initial_state"]
-                 if region.startswith("floor_") and not any(t.startswith(obj) for t in goal_targets)]
-        if len(names) < 2:
-            raise PrunebenchError(f"task {self.task.name}: fewer than two loose objects on a floor "
-                                  "region, nothing to shuffle (only the floor scene's objects shuffle)")
-        data = self.sim.data
-        joints = [self.env.env.objects_dict[n].joints[-1] for n in names]
-        poses = [data.get_joint_qpos(j).copy() for j in joints]
-        order = rng.permutation(len(names))
-        for joint, pose, src in zip(joints, poses, order):
-            moved = pose.copy()
-            moved[:2] = poses[src][:2]  # the place of another object; own height and orientation
-            data.set_joint_qpos(joint, moved)
-            data.set_joint_qvel(joint, np.zeros(6))
-        # as for an official init state: set the whole state, recompute and refresh observations
-        self._obs = self.env.set_init_state(self.sim.get_state().flatten())
-        return [names[i] for i in np.argsort(order)]
+    def set_sim_state(self, state: np.ndarray) -> None:
+        """Set the whole simulator state (as for an official init state) and refresh the observation."""
+        self._obs = self.env.set_init_state(state)
 
     @property
     def observation(self) -> dict:

@@ -28,6 +28,7 @@ from prunebench.evaluation.libero_env import WAIT_ACTION, WAIT_STEPS, LiberoEnv,
 from prunebench.runtime.inputs import load_config
 from prunebench.training.expert import make_expert
 from prunebench.training.fixture_expert import goal_expert
+from prunebench.training.placements import shuffle_placements
 
 SEEDS_PER_TASK = 100_000  # env seeds of task t are t * SEEDS_PER_TASK + seed_offset + k
 
@@ -46,7 +47,7 @@ class DemoConfig(BaseModel):
     noise_per_task: dict[int, Annotated[float, Field(ge=0)]] = {}
     noise_hold: int = Field(4, ge=1)  # steps each noise sample is held (correlated pushes)
     noisy_fraction: float = Field(0.75, ge=0, le=1)  # share of demos with noise (rest are clean)
-    # share of demos whose loose objects swap places first (LiberoEnv.shuffle_placements), so that
+    # share of demos whose loose objects swap places first (training.placements), so that
     # the named object is not always in the same place: a policy must find it in the image
     shuffle_fraction: float = Field(0.0, ge=0, le=1)
     render_every: int = Field(3, ge=1)  # camera frames every k-th step (training samples)
@@ -117,7 +118,7 @@ class DemoMaker:
         placement = []  # the shuffled objects, in their old places' order; [] = as sampled
         shuffle_rng = np.random.default_rng([seed, 1])  # its own stream: the noise stays as it was
         if shuffle_rng.random() < cfg.shuffle_fraction:
-            placement = env.shuffle_placements(shuffle_rng)  # before the wait steps that settle it
+            placement = shuffle_placements(env, shuffle_rng)  # before the wait steps that settle it
         for _ in range(WAIT_STEPS):
             state = env.step(WAIT_ACTION)
         expert = goal_expert(env) or make_expert(env)
